@@ -1,0 +1,27 @@
+//! Order, payment and notification services on Redis Streams that lose
+//! nothing.
+//!
+//! A record's way through the system, file by file:
+//!
+//! * [`http`]: order-service's HTTP layer takes an order and validates it
+//!   ([`record`]);
+//! * [`producer`]: concurrent orders are group-committed into pipelined
+//!   `XADD`s to `order-events` ([`topology`] names the streams and groups);
+//! * [`consumer`]: a reader thread per subscription hands entries over a
+//!   bounded channel to handler threads, which acknowledge only after the
+//!   work is done, claim what dead consumers left, and dead-letter what can
+//!   never succeed;
+//! * [`services`]: what payment-service and notification-service do with an
+//!   entry;
+//! * [`trim`]: keeps streams bounded without removing anything a group still
+//!   needs.
+//!
+//! Operating it: [`config`], [`connection`] (Redis with timeouts and
+//! reconnection), [`metrics`], [`notify`] (systemd), [`logger`], [`shutdown`].
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod logger;
+pub mod notify;
+pub mod topology;
+pub mod value;

@@ -1,0 +1,1 @@
+//! The `log` backend. Being written; see the issue for the interface.

@@ -1,0 +1,127 @@
+//! The stream topology, declared once: which streams exist, which consumer
+//! groups read them, and how to make sure the groups are there.
+//!
+//! Every service calls [`ensure_groups`] before doing anything else, and again
+//! whenever Redis answers `NOGROUP`. That is what makes the contract's promise
+//! hold whatever order the services start in: no order that order-service
+//! accepts is ever invisible to a group.
+//!
+//! # Why groups are created at ID `0`
+//!
+//! `XGROUP CREATE <stream> <group> 0 MKSTREAM` makes a new group start at the
+//! beginning of the stream, not at its end (`$`). Three situations make `$`
+//! lose events:
+//!
+//! * an entry written straight into `order-events` (by `redis-cli XADD`, or the
+//!   seed's Java order service) before any of our services ever started;
+//! * Redis came back without the group but with the stream (for instance an
+//!   old snapshot): entries written in between would be skipped;
+//! * `FLUSHALL` while order-service is writing: the stream can be recreated
+//!   by a producer a moment before a consumer recreates its group.
+//!
+//! Starting at `0` means a new group sees every entry still in the stream.
+//! Replays are harmless: payment-service writes exactly one payment per order
+//! (its atomic step checks the order is still pending), and notifications
+//! carry an `Idempotency-Key`.
+
+use redis::{Connection, RedisError};
+
+/// The stream order-service writes one entry to per accepted order.
+pub const ORDER_EVENTS: &str = "order-events";
+/// The stream payment-service writes one entry to per paid order.
+pub const PAYMENT_EVENTS: &str = "payment-events";
+/// The group payment-service reads `order-events` with.
+pub const PAYMENT_GROUP: &str = "payment-service-group";
+/// The group notification-service reads both streams with.
+pub const NOTIFICATION_GROUP: &str = "notification-service-group";
+
+/// One stream and the consumer groups of the topology that read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamSpec {
+    /// The stream key.
+    pub stream: &'static str,
+    /// Every group that must see every entry of this stream.
+    pub groups: &'static [&'static str],
+}
+
+/// The whole topology. Trimming and readiness are computed from this table,
+/// so a group added here is protected everywhere at once.
+pub const TOPOLOGY: &[StreamSpec] = &[
+    StreamSpec {
+        stream: ORDER_EVENTS,
+        groups: &[PAYMENT_GROUP, NOTIFICATION_GROUP],
+    },
+    StreamSpec {
+        stream: PAYMENT_EVENTS,
+        groups: &[NOTIFICATION_GROUP],
+    },
+];
+
+/// The groups of the topology that read `stream` (empty for unknown streams).
+pub fn groups_of(stream: &str) -> &'static [&'static str] {
+    TOPOLOGY
+        .iter()
+        .find(|s| s.stream == stream)
+        .map_or(&[], |s| s.groups)
+}
+
+/// The dead-letter stream of `stream`: `<stream>:dlq`.
+pub fn dlq_stream(stream: &str) -> String {
+    format!("{stream}:dlq")
+}
+
+/// Creates every group of the topology that does not exist yet (and its
+/// stream), at ID `0`. `BUSYGROUP` (the group exists) is success.
+pub fn ensure_groups(conn: &mut Connection) -> Result<(), RedisError> {
+    for spec in TOPOLOGY {
+        for group in spec.groups {
+            let created: Result<(), RedisError> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(spec.stream)
+                .arg(*group)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query(conn);
+            match created {
+                Ok(()) => log::info!("created group {group} on {} at 0", spec.stream),
+                Err(e) if e.code() == Some("BUSYGROUP") => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether every group of the topology exists. Used by `/readyz`.
+pub fn groups_present(conn: &mut Connection) -> Result<bool, RedisError> {
+    for spec in TOPOLOGY {
+        let infos: Result<Vec<redis::Value>, RedisError> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(spec.stream)
+            .query(conn);
+        let infos = match infos {
+            Ok(v) => v,
+            // "ERR no such key": the stream (and so every group) is gone.
+            Err(e) if e.code() == Some("ERR") => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let names: Vec<String> = infos.iter().filter_map(group_name).collect();
+        if spec.groups.iter().any(|g| !names.iter().any(|n| n == g)) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Whether an error says a group (or its stream) is missing.
+pub fn is_nogroup(e: &RedisError) -> bool {
+    e.code() == Some("NOGROUP")
+}
+
+fn group_name(info: &redis::Value) -> Option<String> {
+    let fields = crate::value::map_pairs(info)?;
+    fields
+        .into_iter()
+        .find(|(k, _)| k == "name")
+        .and_then(|(_, v)| crate::value::as_string(&v))
+}
