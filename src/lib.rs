@@ -21,7 +21,19 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod cli;
+pub mod config;
+pub mod connection;
+pub mod consumer;
+pub mod dlq;
+pub mod http;
 pub mod logger;
+pub mod metrics;
 pub mod notify;
+pub mod producer;
+pub mod record;
+pub mod services;
+pub mod shutdown;
 pub mod topology;
+pub mod trim;
 pub mod value;

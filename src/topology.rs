@@ -125,3 +125,41 @@ fn group_name(info: &redis::Value) -> Option<String> {
         .find(|(k, _)| k == "name")
         .and_then(|(_, v)| crate::value::as_string(&v))
 }
+
+/// Lag and pending count of every group of the topology (`XINFO GROUPS`).
+/// Streams that do not exist are left out.
+pub fn group_gauges(conn: &mut Connection) -> Result<Vec<crate::metrics::GroupGauge>, RedisError> {
+    let mut out = Vec::new();
+    for spec in TOPOLOGY {
+        let infos: Vec<redis::Value> = match redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(spec.stream)
+            .query(conn)
+        {
+            Ok(v) => v,
+            Err(e) if e.code() == Some("ERR") => continue,
+            Err(e) => return Err(e),
+        };
+        for info in &infos {
+            let Some(fields) = crate::value::map_pairs(info) else {
+                continue;
+            };
+            let get = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v);
+            let Some(group) = get("name").and_then(crate::value::as_string) else {
+                continue;
+            };
+            out.push(crate::metrics::GroupGauge {
+                stream: spec.stream.to_string(),
+                group,
+                lag: get("lag")
+                    .and_then(crate::value::as_i64)
+                    .map(|n| n.max(0) as u64),
+                pending: get("pending")
+                    .and_then(crate::value::as_i64)
+                    .unwrap_or(0)
+                    .max(0) as u64,
+            });
+        }
+    }
+    Ok(out)
+}

@@ -1,1 +1,4 @@
-fn main(){}
+//! order-service: see the crate documentation and `--help`.
+fn main() -> std::process::ExitCode {
+    streamline::cli::main(streamline::config::Service::Order)
+}

@@ -1,0 +1,4 @@
+//! notification-service: see the crate documentation and `--help`.
+fn main() -> std::process::ExitCode {
+    streamline::cli::main(streamline::config::Service::Notification)
+}

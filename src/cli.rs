@@ -1,0 +1,51 @@
+//! What every binary's `main` does: parse the configuration, set up logging
+//! and signals, run the service, and turn the result into an exit status.
+//!
+//! Exit statuses: `0` after a clean stop (SIGTERM/SIGINT, work finished),
+//! `1` when the service could not run, `2` for a bad configuration, with one
+//! line on stderr naming the variable.
+
+use std::process::ExitCode;
+
+use crate::config::{self, Command, Service};
+use crate::services;
+
+/// Runs `service` as a program and returns its exit status.
+pub fn main(service: Service) -> ExitCode {
+    let config = match config::from_process(service) {
+        Ok(Command::Run(c)) => c,
+        Ok(Command::Help(text)) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Version(line)) => {
+            println!("{line}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", service.name());
+            return ExitCode::from(2);
+        }
+    };
+    crate::logger::init(service.name());
+    let shutdown = match crate::shutdown::on_signals() {
+        Ok(rx) => rx,
+        Err(e) => {
+            eprintln!("{}: cannot install signal handlers: {e}", service.name());
+            return ExitCode::from(1);
+        }
+    };
+    let result = match service {
+        Service::Order => services::order::run(&config, shutdown),
+        Service::Payment => services::payment::run(&config, shutdown),
+        Service::Notification => services::notification::run(&config, shutdown),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            eprintln!("{}: {e}", service.name());
+            ExitCode::from(1)
+        }
+    }
+}

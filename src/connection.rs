@@ -1,0 +1,284 @@
+//! Redis connections that never hang and come back by themselves.
+//!
+//! The sync `redis` client neither reconnects nor times out unless told to.
+//! [`Redis`] opens connections with a connect timeout and read/write
+//! timeouts; [`Link`] owns one connection, drops it after any I/O error or
+//! timeout (a reply that arrives late would otherwise be read as the answer
+//! to the next command), and reconnects with capped, jittered exponential
+//! backoff. Each thread that talks to Redis owns its own `Link`: a blocking
+//! `XREADGROUP ... BLOCK` must not share a connection with anything else.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use redis::{Client, Connection, RedisError};
+
+use crate::config::Config;
+
+/// How long establishing a TCP (and TLS) connection may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Read/write timeout for ordinary commands.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+/// First reconnect delay; doubles per failed attempt up to [`BACKOFF_CAP`].
+const BACKOFF_BASE: Duration = Duration::from_millis(50);
+/// Longest delay between reconnect attempts.
+const BACKOFF_CAP: Duration = Duration::from_secs(2);
+
+/// Why a Redis client could not be built from the configuration.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// The CA certificate file could not be read.
+    CaCert(std::path::PathBuf, std::io::Error),
+    /// The client rejected the URL or TLS settings.
+    Client(RedisError),
+}
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnectError::CaCert(p, e) => {
+                write!(f, "cannot read REDIS_CA_CERT {}: {e}", p.display())
+            }
+            ConnectError::Client(e) => write!(f, "invalid REDIS_URL: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ConnectError {}
+
+/// Opens Redis connections with timeouts. Cheap to clone.
+#[derive(Clone)]
+pub struct Redis {
+    client: Client,
+}
+
+impl Redis {
+    /// A client for the configured URL (and CA certificate for `rediss://`).
+    pub fn new(config: &Config) -> Result<Self, ConnectError> {
+        Self::open(&config.redis_url, config.redis_ca_cert.as_deref())
+    }
+
+    /// A client for `url`, trusting `ca_cert` (PEM) for TLS if given.
+    pub fn open(url: &str, ca_cert: Option<&std::path::Path>) -> Result<Self, ConnectError> {
+        let client = match ca_cert {
+            Some(path) => {
+                let pem =
+                    std::fs::read(path).map_err(|e| ConnectError::CaCert(path.to_path_buf(), e))?;
+                let certs = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                };
+                Client::build_with_tls(url, certs)
+            }
+            None => Client::open(url),
+        }
+        .map_err(ConnectError::Client)?;
+        Ok(Redis { client })
+    }
+
+    /// A new connection whose reads give up after `read_timeout`.
+    pub fn connect(&self, read_timeout: Duration) -> Result<Connection, RedisError> {
+        let conn = self.client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+        conn.set_read_timeout(Some(read_timeout))?;
+        conn.set_write_timeout(Some(COMMAND_TIMEOUT))?;
+        Ok(conn)
+    }
+}
+
+/// Whether `e` leaves the connection unusable: I/O errors, timeouts, a
+/// closed socket. Server errors (`NOGROUP`, `ERR ...`) do not.
+pub fn is_connection_error(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error()
+}
+
+/// Capped exponential backoff with full jitter.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    /// The delay before the next attempt, growing with each call.
+    pub fn next_delay(&mut self) -> Duration {
+        let exp = BACKOFF_BASE.saturating_mul(1 << self.failures.min(16));
+        self.failures = self.failures.saturating_add(1);
+        let cap = exp.min(BACKOFF_CAP);
+        // Full jitter: uniformly in [cap/2, cap], so a fleet of services
+        // that lost Redis together does not come back in lockstep.
+        let half = cap / 2;
+        half + half.mul_f64(jitter())
+    }
+
+    /// Forgets past failures after a success.
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// A number in [0, 1) that differs between threads and calls; good enough
+/// for spreading retries, not for anything else.
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// A connection that is re-established after errors.
+///
+/// `on_connect` runs on every new connection before it is used (the
+/// services use it to make sure the topology's groups exist).
+pub struct Link {
+    redis: Redis,
+    read_timeout: Duration,
+    conn: Option<Connection>,
+    backoff: Backoff,
+    next_attempt: Option<Instant>,
+    connected_before: bool,
+    on_connect: fn(&mut Connection) -> Result<(), RedisError>,
+}
+
+/// Does nothing to a new connection.
+pub fn nothing(_: &mut Connection) -> Result<(), RedisError> {
+    Ok(())
+}
+
+impl Link {
+    /// A link that connects lazily; reads time out after `read_timeout`.
+    pub fn new(
+        redis: Redis,
+        read_timeout: Duration,
+        on_connect: fn(&mut Connection) -> Result<(), RedisError>,
+    ) -> Self {
+        Link {
+            redis,
+            read_timeout,
+            conn: None,
+            backoff: Backoff::default(),
+            next_attempt: None,
+            connected_before: false,
+            on_connect,
+        }
+    }
+
+    /// Whether a connection is currently open.
+    pub fn is_connected(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    /// The connection, connecting first if needed. Fails at once, without
+    /// trying, while the backoff after the last failure runs: callers that
+    /// must answer promptly (HTTP) never wait for a reconnect.
+    pub fn get(&mut self) -> Result<&mut Connection, RedisError> {
+        if self.conn.is_none() {
+            if let Some(at) = self.next_attempt {
+                if Instant::now() < at {
+                    return Err(unavailable());
+                }
+            }
+            match self.open() {
+                Ok(conn) => {
+                    if self.connected_before {
+                        crate::metrics::reconnect();
+                        log::info!("reconnected to Redis");
+                    }
+                    self.connected_before = true;
+                    self.backoff.reset();
+                    self.next_attempt = None;
+                    self.conn = Some(conn);
+                }
+                Err(e) => {
+                    self.next_attempt = Some(Instant::now() + self.backoff.next_delay());
+                    return Err(e);
+                }
+            }
+        }
+        self.conn.as_mut().ok_or_else(unavailable)
+    }
+
+    fn open(&self) -> Result<Connection, RedisError> {
+        let mut conn = self.redis.connect(self.read_timeout)?;
+        (self.on_connect)(&mut conn)?;
+        Ok(conn)
+    }
+
+    /// Runs `f` on the connection; a connection error drops the connection
+    /// so the next call reconnects.
+    pub fn run<T>(
+        &mut self,
+        f: impl FnOnce(&mut Connection) -> Result<T, RedisError>,
+    ) -> Result<T, RedisError> {
+        let result = f(self.get()?);
+        if let Err(e) = &result {
+            self.check(e);
+        }
+        result
+    }
+
+    /// Drops the connection if `e` left it unusable.
+    pub fn check(&mut self, e: &RedisError) {
+        if is_connection_error(e) && self.conn.take().is_some() {
+            log::warn!("lost the Redis connection: {e}");
+            self.next_attempt = Some(Instant::now() + self.backoff.next_delay());
+        }
+    }
+
+    /// Drops the connection (after a protocol surprise, say).
+    pub fn reset(&mut self) {
+        self.conn = None;
+    }
+
+    /// Waits until connected, sleeping the backoff between attempts.
+    /// Returns `false` if `shutdown` fired first: no thread sleeps through
+    /// a shutdown.
+    pub fn wait_connected(&mut self, shutdown: &Receiver<()>) -> bool {
+        let mut logged = false;
+        loop {
+            match self.get() {
+                Ok(_) => return true,
+                Err(e) => {
+                    if !logged {
+                        log::warn!("Redis unavailable, retrying: {e}");
+                        logged = true;
+                    }
+                }
+            }
+            let wait = self.next_attempt.map_or(BACKOFF_BASE, |at| {
+                at.saturating_duration_since(Instant::now())
+            });
+            if crate::shutdown::wait(shutdown, wait) {
+                return false;
+            }
+        }
+    }
+}
+
+fn unavailable() -> RedisError {
+    RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::NotConnected,
+        "Redis is unavailable (reconnecting)",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let mut b = Backoff::default();
+        let first = b.next_delay();
+        assert!(
+            first <= BACKOFF_BASE && first >= BACKOFF_BASE / 2,
+            "{first:?}"
+        );
+        for _ in 0..40 {
+            let d = b.next_delay();
+            assert!(d <= BACKOFF_CAP, "{d:?}");
+        }
+        assert!(b.next_delay() >= BACKOFF_CAP / 2);
+        b.reset();
+        assert!(b.next_delay() <= BACKOFF_BASE);
+    }
+}

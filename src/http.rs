@@ -1,0 +1,337 @@
+//! The HTTP layer shared by every service: a tiny_http server that slow or
+//! idle clients cannot tie up, a fixed pool of worker threads, JSON answers,
+//! bounded body reading, and the operational routes (`/healthz`, `/readyz`,
+//! `/metrics`).
+//!
+//! # Timeouts on tiny_http
+//!
+//! tiny_http 0.12 has no request timeout. A read timeout set on the
+//! listening socket (with socket2, before tiny_http gets it) is inherited by
+//! every accepted connection on Linux, so a client that sends half a request
+//! and waits is dropped after [`IO_TIMEOUT`]. The same timeout applies to
+//! `accept` itself, and tiny_http's accept thread *stops for good* on the
+//! first accept error. Two things keep it alive: a `http-keepalive` thread
+//! connects to the listener (and hangs up) more often than the timeout, so
+//! `accept` never times out while the process runs; and should the accept
+//! thread die anyway (an overloaded box missing a tick), the workers rebuild
+//! the server on the same listening socket.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+use serde_json::json;
+use tiny_http::{Header, Request, Response, Server, StatusCode};
+
+/// How long a connection may stay silent mid-request or between requests.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request body accepted; larger ones get `413`.
+pub const MAX_BODY: usize = 64 * 1024;
+/// How often the keepalive thread pokes the listener (well under IO_TIMEOUT).
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(2);
+
+/// Why the HTTP listener could not start.
+#[derive(Debug)]
+pub struct BindError {
+    addr: SocketAddr,
+    source: std::io::Error,
+}
+
+impl std::fmt::Display for BindError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cannot listen on HTTP_ADDR {}: {}",
+            self.addr, self.source
+        )
+    }
+}
+
+impl std::error::Error for BindError {}
+
+/// A listening HTTP server whose accept loop survives idle periods.
+pub struct HttpServer {
+    listener: TcpListener,
+    addr: SocketAddr,
+    current: Mutex<Arc<Server>>,
+}
+
+impl HttpServer {
+    /// Listens on `addr` with [`IO_TIMEOUT`] on every connection.
+    pub fn bind(addr: SocketAddr) -> Result<Arc<HttpServer>, BindError> {
+        let err = |source| BindError { addr, source };
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )
+        .map_err(err)?;
+        socket.set_reuse_address(true).map_err(err)?;
+        socket.set_read_timeout(Some(IO_TIMEOUT)).map_err(err)?;
+        socket.set_write_timeout(Some(IO_TIMEOUT)).map_err(err)?;
+        socket.set_nodelay(true).map_err(err)?;
+        socket.bind(&addr.into()).map_err(err)?;
+        socket.listen(1024).map_err(err)?;
+        let listener: TcpListener = socket.into();
+        let addr = listener.local_addr().map_err(err)?;
+        let server = Self::serve_on(&listener).map_err(err)?;
+        Ok(Arc::new(HttpServer {
+            listener,
+            addr,
+            current: Mutex::new(server),
+        }))
+    }
+
+    fn serve_on(listener: &TcpListener) -> std::io::Result<Arc<Server>> {
+        let l = listener.try_clone()?;
+        Server::from_listener(l, None)
+            .map(Arc::new)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+
+    /// The address actually listened on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn server(&self) -> Arc<Server> {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces `dead` (whose accept thread stopped) with a fresh server.
+    fn rebuild(&self, dead: &Arc<Server>) {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if Arc::ptr_eq(&current, dead) {
+            match Self::serve_on(&self.listener) {
+                Ok(s) => {
+                    log::warn!("HTTP accept loop stopped; restarted it");
+                    *current = s;
+                }
+                Err(e) => log::error!("cannot restart the HTTP accept loop: {e}"),
+            }
+        }
+    }
+
+    /// Starts `workers` threads named `<name>-N` that answer requests with
+    /// `handle`, and the keepalive thread. All stop when `shutdown` fires.
+    pub fn spawn_workers<H>(
+        self: &Arc<Self>,
+        name: &str,
+        workers: usize,
+        shutdown: &Receiver<()>,
+        handle: H,
+    ) -> std::io::Result<Vec<JoinHandle<()>>>
+    where
+        H: Fn(Request) + Send + Sync + 'static,
+    {
+        let handle = Arc::new(handle);
+        let mut threads = Vec::with_capacity(workers + 1);
+        for i in 1..=workers {
+            let (me, handle, shutdown) = (self.clone(), handle.clone(), shutdown.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("{name}-{i}"))
+                    .spawn(move || me.work(&shutdown, &*handle))?,
+            );
+        }
+        let (me, shutdown) = (self.clone(), shutdown.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name("http-keepalive".into())
+                .spawn(move || me.keepalive(&shutdown))?,
+        );
+        Ok(threads)
+    }
+
+    fn work(&self, shutdown: &Receiver<()>, handle: &(dyn Fn(Request) + Send + Sync)) {
+        while !crate::shutdown::is_started(shutdown) {
+            let server = self.server();
+            match server.recv_timeout(Duration::from_millis(200)) {
+                Ok(Some(request)) => handle(request),
+                Ok(None) => {}
+                Err(e) => {
+                    log::debug!("HTTP accept loop reported: {e}");
+                    self.rebuild(&server);
+                }
+            }
+        }
+    }
+
+    fn keepalive(&self, shutdown: &Receiver<()>) {
+        while !crate::shutdown::wait(shutdown, KEEPALIVE_EVERY) {
+            // Connecting is enough: accept returns, the connection thread
+            // reads EOF and ends.
+            let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        }
+    }
+}
+
+/// A JSON answer.
+pub fn json(status: u16, body: &serde_json::Value) -> Response<std::io::Cursor<Vec<u8>>> {
+    Response::from_data(body.to_string().into_bytes())
+        .with_status_code(StatusCode(status))
+        .with_header(header("Content-Type", "application/json"))
+}
+
+/// A JSON error answer: `{"error": message}`.
+pub fn error(status: u16, message: &str) -> Response<std::io::Cursor<Vec<u8>>> {
+    json(status, &json!({ "error": message }))
+}
+
+/// A plain-text answer.
+pub fn text(status: u16, body: String, content_type: &str) -> Response<std::io::Cursor<Vec<u8>>> {
+    Response::from_data(body.into_bytes())
+        .with_status_code(StatusCode(status))
+        .with_header(header("Content-Type", content_type))
+}
+
+fn header(name: &str, value: &str) -> Header {
+    // Both are ASCII literals of ours, so this cannot fail.
+    Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("valid header")
+}
+
+/// Sends `response`, counting it in the metrics; a client that went away
+/// is not an error worth more than a debug line.
+pub fn respond(request: Request, response: Response<std::io::Cursor<Vec<u8>>>) {
+    let status = response.status_code().0;
+    crate::metrics::http_request(status);
+    if let Err(e) = request.respond(response) {
+        log::debug!("could not send the answer: {e}");
+    }
+}
+
+/// Why a body could not be read.
+#[derive(Debug)]
+pub enum BodyError {
+    /// Over [`MAX_BODY`].
+    TooLarge,
+    /// The connection failed or timed out mid-body.
+    Io(std::io::Error),
+}
+
+/// Reads the body, refusing it as soon as it passes `limit` bytes: a
+/// declared `Content-Length` over the limit is refused before reading
+/// anything, a chunked body after at most `limit + 1` bytes.
+pub fn read_body(request: &mut Request, limit: usize) -> Result<Vec<u8>, BodyError> {
+    if request.body_length().is_some_and(|n| n > limit) {
+        return Err(BodyError::TooLarge);
+    }
+    let mut body = Vec::with_capacity(request.body_length().unwrap_or(0).min(limit));
+    request
+        .as_reader()
+        .take(limit as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(BodyError::Io)?;
+    if body.len() > limit {
+        return Err(BodyError::TooLarge);
+    }
+    Ok(body)
+}
+
+/// The path of a request URL, without the query.
+pub fn path(url: &str) -> &str {
+    url.split_once('?').map_or(url, |(p, _)| p)
+}
+
+/// A query parameter that is not valid UTF-8 once percent-decoded.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NotUtf8(pub String);
+
+/// Parses the query string of `url` (`+` is a space, `%XX` a byte). The
+/// first occurrence of a name wins.
+pub fn query(url: &str) -> Result<HashMap<String, String>, NotUtf8> {
+    let mut out = HashMap::new();
+    let Some((_, q)) = url.split_once('?') else {
+        return Ok(out);
+    };
+    for pair in q.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let key = String::from_utf8(percent_decode(k)).map_err(|_| NotUtf8(k.to_string()))?;
+        let value = String::from_utf8(percent_decode(v)).map_err(|_| NotUtf8(key.clone()))?;
+        out.entry(key).or_insert(value);
+    }
+    Ok(out)
+}
+
+fn percent_decode(s: &str) -> Vec<u8> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// Answers the routes every service has; `None` if `request` is not one
+/// of them (the caller answers it).
+pub fn ops_route(
+    request: Request,
+    ready: impl Fn() -> Result<(), String>,
+    metrics: impl Fn() -> String,
+) -> Option<Request> {
+    let is_get = matches!(
+        request.method(),
+        tiny_http::Method::Get | tiny_http::Method::Head
+    );
+    let response = match path(request.url()) {
+        "/healthz" if is_get => json(200, &json!({ "status": "ok" })),
+        "/readyz" if is_get => match ready() {
+            Ok(()) => json(200, &json!({ "status": "ready" })),
+            Err(why) => json(503, &json!({ "status": "not ready", "error": why })),
+        },
+        "/metrics" if is_get => text(200, metrics(), "text/plain; version=0.0.4"),
+        "/healthz" | "/readyz" | "/metrics" => error(405, "method not allowed"),
+        _ => return Some(request),
+    };
+    respond(request, response);
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_decoding() {
+        let q = query("/order?userId=u%201&productId=p+2&price=100&userId=x").unwrap();
+        assert_eq!(q["userId"], "u 1");
+        assert_eq!(q["productId"], "p 2");
+        assert_eq!(q["price"], "100");
+        assert_eq!(
+            query("/order?userId=%FF").unwrap_err(),
+            NotUtf8("userId".into())
+        );
+        assert_eq!(query("/order?a=%zz&b=%4").unwrap()["a"], "%zz");
+        assert_eq!(query("/order?b=%4").unwrap()["b"], "%4");
+        assert!(query("/order").unwrap().is_empty());
+    }
+
+    #[test]
+    fn paths() {
+        assert_eq!(path("/order?x=1"), "/order");
+        assert_eq!(path("/orders"), "/orders");
+    }
+}

@@ -1,0 +1,148 @@
+//! What each service does, and the start-up and shutdown they share.
+
+pub mod notification;
+pub mod order;
+pub mod payment;
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+
+use crate::connection::{self, ConnectError, Link, Redis};
+use crate::http::{BindError, HttpServer};
+use crate::metrics::GroupGauge;
+use crate::{notify, topology};
+
+/// Why a service could not run. `Display` is one line an operator can act on.
+#[derive(Debug)]
+pub enum ServiceError {
+    /// The Redis client could not be built (URL, TLS settings).
+    Connect(ConnectError),
+    /// The HTTP listener could not start.
+    Bind(BindError),
+    /// A thread could not be started.
+    Spawn(std::io::Error),
+}
+
+impl fmt::Display for ServiceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServiceError::Connect(e) => e.fmt(f),
+            ServiceError::Bind(e) => e.fmt(f),
+            ServiceError::Spawn(e) => write!(f, "cannot start a thread: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ServiceError {}
+
+impl From<ConnectError> for ServiceError {
+    fn from(e: ConnectError) -> Self {
+        ServiceError::Connect(e)
+    }
+}
+
+impl From<BindError> for ServiceError {
+    fn from(e: BindError) -> Self {
+        ServiceError::Bind(e)
+    }
+}
+
+impl From<std::io::Error> for ServiceError {
+    fn from(e: std::io::Error) -> Self {
+        ServiceError::Spawn(e)
+    }
+}
+
+/// A connection of its own for `/readyz` and `/metrics`, so a probe never
+/// waits behind work (and work never behind a probe).
+#[derive(Clone)]
+pub struct Probe(Arc<Mutex<Link>>);
+
+impl Probe {
+    /// A probe whose commands give up after a second.
+    pub fn new(redis: &Redis) -> Probe {
+        Probe(Arc::new(Mutex::new(Link::new(
+            redis.clone(),
+            Duration::from_secs(1),
+            connection::nothing,
+        ))))
+    }
+
+    fn run<T>(
+        &self,
+        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> redis::RedisResult<T> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).run(f)
+    }
+
+    /// `Ok` when Redis answers and every group of the topology exists.
+    pub fn ready(&self) -> Result<(), String> {
+        match self.run(|c| {
+            redis::cmd("PING").query::<()>(c)?;
+            topology::groups_present(c)
+        }) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("consumer groups of the topology are missing".into()),
+            Err(e) => Err(format!("Redis unavailable: {e}")),
+        }
+    }
+
+    /// The metrics text, with group lag and pending read from Redis (left
+    /// out, not failed, when Redis does not answer).
+    pub fn metrics(&self) -> String {
+        let gauges: Vec<GroupGauge> = self.run(topology::group_gauges).unwrap_or_default();
+        crate::metrics::render(&gauges)
+    }
+
+    /// Makes sure the topology's groups exist, retrying until Redis answers
+    /// or `shutdown` fires (then `false`).
+    pub fn ensure_topology(&self, shutdown: &Receiver<()>) -> bool {
+        let mut backoff = connection::Backoff::default();
+        let mut logged = false;
+        loop {
+            match self.run(topology::ensure_groups) {
+                Ok(()) => return true,
+                Err(e) => {
+                    if !logged {
+                        log::warn!("waiting for Redis to create the consumer groups: {e}");
+                        notify::status(&format!("waiting for Redis: {e}"));
+                        logged = true;
+                    }
+                }
+            }
+            if crate::shutdown::wait(shutdown, backoff.next_delay()) {
+                return false;
+            }
+        }
+    }
+}
+
+/// Starts the small HTTP listener of a consumer service: `/healthz`,
+/// `/readyz`, `/metrics`, everything else `404`.
+pub fn spawn_ops_http(
+    server: &Arc<HttpServer>,
+    probe: &Probe,
+    shutdown: &Receiver<()>,
+) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+    let (ready, metrics) = (probe.clone(), probe.clone());
+    server.spawn_workers("http", 2, shutdown, move |request| {
+        if let Some(request) =
+            crate::http::ops_route(request, || ready.ready(), || metrics.metrics())
+        {
+            crate::http::respond(request, crate::http::error(404, "not found"));
+        }
+    })
+}
+
+/// Joins threads, logging (not propagating) a panic.
+pub fn join_all(threads: Vec<std::thread::JoinHandle<()>>) {
+    for t in threads {
+        let name = t.thread().name().unwrap_or("?").to_string();
+        if t.join().is_err() {
+            log::error!("thread {name} panicked");
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! payment-service: pays each order in `order-events` (group
+//! `payment-service-group`) and writes one `payment-events` entry for it.
+//!
+//! # Exactly one payment per order
+//!
+//! "Write the payment, acknowledge the order" is one Lua script per batch,
+//! so it is atomic: either both happened or neither. The script first checks
+//! that the order is still pending for the group; an order that is no longer
+//! pending has already been paid and acknowledged (by this consumer before a
+//! crash, or by another instance that claimed it), so it is skipped. That
+//! makes redelivery, claiming and several instances harmless: whoever runs
+//! the script first pays, everyone after finds nothing to do.
+//!
+//! `paymentProcessId` comes from `INCR` on [`SEQUENCE_KEY`] inside the same
+//! script: unique across restarts and instances (the seed's in-memory
+//! counter restarted at 0), as durable as the streams themselves.
+
+use std::sync::Arc;
+
+use crossbeam_channel::Receiver;
+use redis::{Connection, RedisError, Script, Value};
+
+use super::{join_all, spawn_ops_http, Probe, ServiceError};
+use crate::config::Config;
+use crate::connection::Redis;
+use crate::consumer::{self, Delivery, Failure, Handler, Outcome, Settings, Subscription};
+use crate::http::HttpServer;
+use crate::notify::{self, Heartbeats};
+use crate::record::Order;
+use crate::topology::{ORDER_EVENTS, PAYMENT_EVENTS, PAYMENT_GROUP};
+use crate::trim;
+
+/// The counter `paymentProcessId`s are drawn from.
+pub const SEQUENCE_KEY: &str = "payment-service:payment-process-id";
+
+/// KEYS: order-events, payment-events, sequence. ARGV[1]: group; then per
+/// order: id, userId, productId, price. Returns per order the payment's
+/// entry ID, or false if it was no longer pending (already paid).
+const PAY: &str = r#"
+local out = {}
+for i = 2, #ARGV, 4 do
+  local id = ARGV[i]
+  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  if #pending > 0 then
+    local seq = redis.call('INCR', KEYS[3])
+    out[#out + 1] = redis.call('XADD', KEYS[2], '*',
+      'userId', ARGV[i + 1], 'productId', ARGV[i + 2], 'price', ARGV[i + 3],
+      'paymentProcessId', tostring(seq), 'orderId', id)
+    redis.call('XACK', KEYS[1], ARGV[1], id)
+  else
+    out[#out + 1] = false
+  end
+end
+return out
+"#;
+
+/// Pays orders.
+pub struct Payments {
+    script: Script,
+}
+
+impl Default for Payments {
+    fn default() -> Self {
+        Payments {
+            script: Script::new(PAY),
+        }
+    }
+}
+
+impl Handler for Payments {
+    fn handle(
+        &self,
+        conn: &mut Connection,
+        batch: &[Delivery],
+    ) -> Result<Vec<Outcome>, RedisError> {
+        let orders: Vec<Result<Order, String>> = batch
+            .iter()
+            .map(|d| Order::from_fields(&d.fields).map_err(|e| e.to_string()))
+            .collect();
+        let mut call = self.script.key(ORDER_EVENTS);
+        call.key(PAYMENT_EVENTS)
+            .key(SEQUENCE_KEY)
+            .arg(PAYMENT_GROUP);
+        let mut valid = 0;
+        for (d, order) in batch.iter().zip(&orders) {
+            if let Ok(o) = order {
+                call.arg(&d.id)
+                    .arg(&o.user_id)
+                    .arg(&o.product_id)
+                    .arg(&o.price);
+                valid += 1;
+            }
+        }
+        let mut paid = if valid > 0 {
+            let reply: Vec<Value> = call.invoke(conn)?;
+            reply.into_iter()
+        } else {
+            Vec::new().into_iter()
+        };
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for (d, order) in batch.iter().zip(orders) {
+            outcomes.push(match order {
+                Err(why) => Failure::permanent(why),
+                Ok(o) => {
+                    match paid.next() {
+                        Some(Value::Nil) | None => log::debug!("order {} was already paid", d.id),
+                        Some(v) => log::info!(
+                            "[Order consumed] Created payment {} for order {} (userId {}, price {})",
+                            crate::value::as_string(&v).unwrap_or_default(),
+                            d.id,
+                            o.user_id,
+                            o.price
+                        ),
+                    }
+                    Outcome::DoneAndAcked
+                }
+            });
+        }
+        Ok(outcomes)
+    }
+}
+
+/// Runs payment-service until `shutdown` fires.
+pub fn run(config: &Config, shutdown: Receiver<()>) -> Result<(), ServiceError> {
+    let redis = Redis::new(config)?;
+    let server = HttpServer::bind(config.http_addr)?;
+    let probe = Probe::new(&redis);
+    let mut threads = spawn_ops_http(&server, &probe, &shutdown)?;
+    if !probe.ensure_topology(&shutdown) {
+        notify::stopping();
+        join_all(threads);
+        return Ok(());
+    }
+    let beats = Heartbeats::new();
+    let subs = [Subscription {
+        stream: ORDER_EVENTS,
+        group: PAYMENT_GROUP,
+    }];
+    let settings = Settings::from_config(config);
+    threads.extend(consumer::start(
+        &redis,
+        &subs,
+        Arc::new(Payments::default()),
+        &settings,
+        &shutdown,
+        &beats,
+    )?);
+    if let Some(interval) = config.trim_interval {
+        threads.push(trim::spawn(
+            redis.clone(),
+            PAYMENT_EVENTS,
+            config.retain_entries,
+            interval,
+            &shutdown,
+        )?);
+    }
+    let watchdog = notify::spawn_watchdog(beats, shutdown.clone());
+    log::info!(
+        "payment-service running as {} (http://{})",
+        settings.consumer,
+        server.addr()
+    );
+    notify::ready();
+    notify::status(&format!("paying orders as {}", settings.consumer));
+    let _ = shutdown.recv();
+    notify::stopping();
+    log::info!("stopping: finishing and acknowledging the entries in hand");
+    join_all(threads);
+    join_all(watchdog.into_iter().collect());
+    log::info!("stopped");
+    Ok(())
+}
