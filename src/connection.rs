@@ -92,6 +92,15 @@ pub fn is_connection_error(e: &RedisError) -> bool {
     e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error()
 }
 
+/// Whether `e` is a server state that passes by itself: Redis loading its
+/// data after a restart, busy with a script, or a replica not yet in sync.
+pub fn is_transient(e: &RedisError) -> bool {
+    matches!(
+        e.code(),
+        Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN")
+    )
+}
+
 /// Capped exponential backoff with full jitter.
 #[derive(Debug, Default)]
 pub struct Backoff {

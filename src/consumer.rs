@@ -226,6 +226,12 @@ impl Reader {
         log::info!("reading {stream} as {group}/{}", self.settings.consumer);
         loop {
             self.beat.beat();
+            if !self.link.is_connected() {
+                // (Re)connecting: entries we took before may not have been
+                // acknowledged (the ack failed with the connection), so
+                // re-read our own pending entries first, as at start.
+                backlog = Some("0".into());
+            }
             if crate::shutdown::is_started(&self.shutdown)
                 || !self.link.wait_connected(&self.shutdown)
             {
@@ -270,6 +276,8 @@ impl Reader {
             if let Err(e) = self.link.run(topology::ensure_groups) {
                 log::warn!("cannot recreate the groups: {e}");
             }
+        } else if crate::connection::is_transient(e) {
+            crate::shutdown::wait(&self.shutdown, Duration::from_millis(100));
         } else if !crate::connection::is_connection_error(e) {
             // A server error we do not expect: do not spin on it.
             log::error!("{}: read failed: {e}", self.sub.stream);
@@ -377,10 +385,13 @@ impl Reader {
                 .find(|(i, _)| *i == id)
                 .map_or(1, |(_, n)| *n)
                 .max(1);
+            if !lock(&self.in_flight).insert((self.sub, id.clone())) {
+                // Re-read after a reconnect while a handler still holds it.
+                continue;
+            }
             if deliveries > 1 {
                 redeliveries += 1;
             }
-            lock(&self.in_flight).insert((self.sub, id.clone()));
             let mut delivery = Delivery {
                 sub: self.sub,
                 id,
@@ -566,6 +577,12 @@ impl Worker {
                         sub.stream,
                         batch.len()
                     );
+                }
+                Err(e) if crate::connection::is_transient(&e) => {
+                    log::info!("{}: Redis is busy ({e}); retrying", sub.stream);
+                    if crate::shutdown::wait(&self.shutdown, Duration::from_millis(100)) {
+                        return;
+                    }
                 }
                 Err(e) if topology::is_nogroup(&e) => {
                     log::warn!(
