@@ -1,0 +1,15 @@
+//! The integration tests: one test binary made of modules, so the services are
+//! built once and the harness in [`support`] is shared.
+//!
+//! Every test starts its own `redis-server` on a free port in its own
+//! temporary directory and the real service binaries against it; nothing here
+//! touches a Redis that may already run on this host.
+
+mod support;
+
+mod config;
+mod order_http;
+
+// systemd integration: the units, journald log lines, the notify protocol.
+mod notify_protocol;
+mod systemd;

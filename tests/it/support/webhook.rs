@@ -1,0 +1,213 @@
+//! A webhook receiver for notification tests: records every request and
+//! answers 200, or 500 when told to fail (to exercise retries).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::wait_until;
+
+/// One request the sink received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The method, `POST` normally.
+    pub method: String,
+    /// The path and query.
+    pub path: String,
+    /// The headers, names in lower case.
+    pub headers: Vec<(String, String)>,
+    /// The `Idempotency-Key` header.
+    pub idempotency_key: Option<String>,
+    /// The body as text (lossily decoded).
+    pub raw: String,
+    /// The body as JSON (`Null` if it is not JSON).
+    pub body: Value,
+    /// The status the sink answered.
+    pub answered: u16,
+}
+
+impl Received {
+    /// Whether the sink accepted it (answered 2xx).
+    pub fn accepted(&self) -> bool {
+        (200..300).contains(&self.answered)
+    }
+}
+
+type Predicate = Box<dyn Fn(&Value) -> bool + Send>;
+
+/// How a [`WebhookSink`] answers.
+#[derive(Default)]
+pub struct WebhookOptions {
+    fail_first: usize,
+    fail_when: Option<Predicate>,
+}
+
+impl WebhookOptions {
+    /// Answers 500 to the first `n` requests.
+    pub fn fail_first(mut self, n: usize) -> Self {
+        self.fail_first = n;
+        self
+    }
+
+    /// Answers 500 to every request whose JSON body matches `pred`.
+    pub fn fail_when(mut self, pred: impl Fn(&Value) -> bool + Send + 'static) -> Self {
+        self.fail_when = Some(Box::new(pred));
+        self
+    }
+
+    /// Starts the sink.
+    pub fn start(self) -> WebhookSink {
+        WebhookSink::start_with(self)
+    }
+}
+
+/// An HTTP server on a free port, in its own thread, until dropped.
+pub struct WebhookSink {
+    port: u16,
+    received: Arc<Mutex<Vec<Received>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WebhookSink {
+    /// A sink that accepts everything.
+    pub fn start() -> WebhookSink {
+        WebhookOptions::default().start()
+    }
+
+    /// Options for a sink that fails some requests.
+    pub fn options() -> WebhookOptions {
+        WebhookOptions::default()
+    }
+
+    fn start_with(opts: WebhookOptions) -> WebhookSink {
+        // Port 0 here: the kernel's choice is ours at once, no race.
+        let server = tiny_http::Server::http("127.0.0.1:0").expect("webhook sink: bind");
+        let port = server
+            .server_addr()
+            .to_ip()
+            .expect("webhook sink: an IP address")
+            .port();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let received = Arc::clone(&received);
+            let stop = Arc::clone(&stop);
+            std::thread::Builder::new()
+                .name(format!("webhook-sink:{port}"))
+                .spawn(move || serve(server, opts, received, stop))
+                .expect("spawn the webhook sink thread")
+        };
+        WebhookSink {
+            port,
+            received,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// `http://127.0.0.1:P/hook`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/hook", self.port)
+    }
+
+    /// Everything received so far, accepted or not, in order of arrival.
+    pub fn received(&self) -> Vec<Received> {
+        self.received
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The requests answered 2xx.
+    pub fn accepted(&self) -> Vec<Received> {
+        self.received()
+            .into_iter()
+            .filter(Received::accepted)
+            .collect()
+    }
+
+    /// How many requests arrived (accepted or not).
+    pub fn count(&self) -> usize {
+        self.received
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// Waits until `n` requests have been accepted; panics with what
+    /// arrived after `deadline`.
+    pub fn wait_accepted(&self, n: usize, deadline: Duration) -> Vec<Received> {
+        let what = format!("the webhook sink accepted {n} requests");
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wait_until(&what, deadline, || self.accepted().len() >= n)
+        }));
+        if result.is_err() {
+            panic!(
+                "timed out after {deadline:?} waiting until {what}; received: {:#?}",
+                self.received()
+            );
+        }
+        self.accepted()
+    }
+}
+
+impl Drop for WebhookSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(
+    server: tiny_http::Server,
+    opts: WebhookOptions,
+    received: Arc<Mutex<Vec<Received>>>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut seen = 0usize;
+    while !stop.load(Ordering::SeqCst) {
+        let mut req = match server.recv_timeout(Duration::from_millis(50)) {
+            Ok(Some(req)) => req,
+            Ok(None) => continue,
+            Err(_) => continue,
+        };
+        let mut bytes = Vec::new();
+        let _ = req.as_reader().read_to_end(&mut bytes);
+        let headers: Vec<(String, String)> = req
+            .headers()
+            .iter()
+            .map(|h| {
+                (
+                    h.field.as_str().as_str().to_ascii_lowercase(),
+                    h.value.as_str().to_string(),
+                )
+            })
+            .collect();
+        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        seen += 1;
+        let fail = seen <= opts.fail_first || opts.fail_when.as_ref().is_some_and(|p| p(&body));
+        let answered = if fail { 500 } else { 200 };
+        received
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Received {
+                method: req.method().as_str().to_string(),
+                path: req.url().to_string(),
+                idempotency_key: headers
+                    .iter()
+                    .find(|(k, _)| k == "idempotency-key")
+                    .map(|(_, v)| v.clone()),
+                headers,
+                raw: String::from_utf8_lossy(&bytes).into_owned(),
+                body,
+                answered,
+            });
+        let _ = req.respond(tiny_http::Response::from_string("").with_status_code(answered));
+    }
+}
