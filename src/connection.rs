@@ -16,7 +16,12 @@ use redis::{Client, Connection, RedisError};
 
 use crate::config::Config;
 
-/// How long establishing a TCP (and TLS) connection may take.
+/// Longest wait for a TCP (and TLS) connection. redis-rs applies its
+/// connect timeout to the TCP connect and again to the handshake, so a
+/// connection can take twice this long to fail; [`Redis::connect`] uses a
+/// quarter of the read timeout when that is shorter, so that a link that
+/// must answer within its read timeout (order-service's writers) also
+/// gives up connecting within it.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Read/write timeout for ordinary commands.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
@@ -77,9 +82,13 @@ impl Redis {
         Ok(Redis { client })
     }
 
-    /// A new connection whose reads give up after `read_timeout`.
+    /// A new connection whose reads give up after `read_timeout`; connecting
+    /// gives up within `read_timeout / 2` or twice [`CONNECT_TIMEOUT`].
     pub fn connect(&self, read_timeout: Duration) -> Result<Connection, RedisError> {
-        let conn = self.client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+        let connect_timeout = CONNECT_TIMEOUT
+            .min(read_timeout / 4)
+            .max(Duration::from_millis(10));
+        let conn = self.client.get_connection_with_timeout(connect_timeout)?;
         conn.set_read_timeout(Some(read_timeout))?;
         conn.set_write_timeout(Some(COMMAND_TIMEOUT))?;
         Ok(conn)
