@@ -12,4 +12,5 @@ mod order_http;
 
 // systemd integration: the units, journald log lines, the notify protocol.
 mod notify_protocol;
+mod streamctl;
 mod systemd;
