@@ -10,6 +10,11 @@ mod support;
 mod config;
 mod order_http;
 
+// payment-service and notification-service end to end (issue 3), and fault
+// injection under load (issue 4).
+mod consumers;
+mod faults;
+
 // systemd integration: the units, journald log lines, the notify protocol.
 mod notify_protocol;
 mod streamctl;

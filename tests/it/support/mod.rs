@@ -11,6 +11,7 @@
 // helper, and a helper written for a later module must not fail the build.
 #![allow(dead_code, unused_imports)]
 
+pub mod flow;
 mod http;
 mod redis;
 mod service;
