@@ -247,12 +247,15 @@ impl Link {
         self.conn = None;
     }
 
-    /// Waits until connected, sleeping the backoff between attempts.
-    /// Returns `false` if `shutdown` fired first: no thread sleeps through
-    /// a shutdown.
-    pub fn wait_connected(&mut self, shutdown: &Receiver<()>) -> bool {
+    /// Waits until connected, sleeping the backoff between attempts and
+    /// calling `alive` before each (waiting out a Redis outage is not being
+    /// wedged: the watchdog must not restart a service for it). Returns
+    /// `false` if `shutdown` fired first: no thread sleeps through a
+    /// shutdown.
+    pub fn wait_connected(&mut self, shutdown: &Receiver<()>, alive: &dyn Fn()) -> bool {
         let mut logged = false;
         loop {
+            alive();
             match self.get() {
                 Ok(_) => return true,
                 Err(e) => {

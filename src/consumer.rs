@@ -233,7 +233,9 @@ impl Reader {
                 backlog = Some("0".into());
             }
             if crate::shutdown::is_started(&self.shutdown)
-                || !self.link.wait_connected(&self.shutdown)
+                || !self
+                    .link
+                    .wait_connected(&self.shutdown, &|| self.beat.beat())
             {
                 break;
             }
@@ -551,7 +553,10 @@ impl Worker {
     fn handle(&mut self, batch: &[Delivery]) {
         let sub = batch[0].sub;
         loop {
-            if !self.link.wait_connected(&self.shutdown) {
+            if !self
+                .link
+                .wait_connected(&self.shutdown, &|| self.beat.beat())
+            {
                 log::warn!(
                     "{}: Redis unavailable at shutdown; {} entries stay pending for the next start",
                     sub.stream,

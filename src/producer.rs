@@ -14,19 +14,22 @@
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use redis::Value;
 use serde_json::json;
 use tiny_http::Request;
 
 use crate::connection::{Link, Redis};
 use crate::http;
+use crate::notify::{Heartbeat, Heartbeats};
 use crate::record::Order;
 use crate::topology::{self, ORDER_EVENTS};
 
 /// Most orders written in one round trip.
 pub const MAX_BATCH: usize = 256;
-/// Orders that may wait for a writer; past this, `503` at once.
+/// Orders that may wait for a writer; past this, `503` at once. The queue
+/// holds boxes: a bounded channel allocates (and touches) every slot up
+/// front, and a `Job` with its request is some 400 bytes.
 const QUEUE: usize = 4096;
 
 /// An accepted order waiting to be written, and the request to answer.
@@ -42,7 +45,7 @@ struct Job {
 /// lets the writers finish the queue and exit.
 #[derive(Clone)]
 pub struct Producer {
-    jobs: Sender<Job>,
+    jobs: Sender<Box<Job>>,
     timeout: Duration,
 }
 
@@ -53,6 +56,7 @@ impl Producer {
         redis: &Redis,
         writers: usize,
         timeout: Duration,
+        beats: &Heartbeats,
     ) -> std::io::Result<(Producer, Vec<JoinHandle<()>>)> {
         let (tx, rx) = crossbeam_channel::bounded(QUEUE);
         let mut threads = Vec::with_capacity(writers);
@@ -66,10 +70,11 @@ impl Producer {
                 (timeout / 2).max(Duration::from_millis(50)),
                 topology::ensure_groups,
             );
+            let beat = beats.register(&format!("writer-{i}"));
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("writer-{i}"))
-                    .spawn(move || write_loop(link, &rx))?,
+                    .spawn(move || write_loop(link, &rx, &beat))?,
             );
         }
         Ok((Producer { jobs: tx, timeout }, threads))
@@ -78,12 +83,12 @@ impl Producer {
     /// Queues `order`; the writer answers `request` with `status` and the
     /// entry ID, or `503`.
     pub fn submit(&self, order: Order, request: Request, status: u16) {
-        let job = Job {
+        let job = Box::new(Job {
             order,
             request,
             status,
             deadline: Instant::now() + self.timeout,
-        };
+        });
         match self.jobs.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(job)) => http::respond(
@@ -97,14 +102,20 @@ impl Producer {
     }
 }
 
-fn write_loop(mut link: Link, jobs: &Receiver<Job>) {
-    // Ends when every Producer is dropped and the queue is empty.
-    while let Ok(first) = jobs.recv() {
+fn write_loop(mut link: Link, jobs: &Receiver<Box<Job>>, beat: &Heartbeat) {
+    loop {
+        beat.beat();
+        let first = match jobs.recv_timeout(Duration::from_secs(1)) {
+            Ok(job) => job,
+            Err(RecvTimeoutError::Timeout) => continue,
+            // Every Producer is dropped and the queue is empty.
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
         let mut batch = Vec::with_capacity(16);
-        batch.push(first);
+        batch.push(*first);
         while batch.len() < MAX_BATCH {
             match jobs.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(job) => batch.push(*job),
                 Err(_) => break,
             }
         }

@@ -25,7 +25,9 @@ pub fn run(config: &Config, shutdown: Receiver<()>) -> Result<(), ServiceError> 
     let server = HttpServer::bind(config.http_addr)?;
     log::info!("order-service listening on http://{}", server.addr());
     let probe = Probe::new(&redis);
-    let (producer, writers) = Producer::spawn(&redis, 2, config.request_timeout)?;
+    let beats = notify::Heartbeats::new();
+    let (producer, writers) = Producer::spawn(&redis, 2, config.request_timeout, &beats)?;
+    let watchdog = notify::spawn_watchdog(beats, shutdown.clone());
 
     // Orders are answered 503 until the groups exist; the writers create
     // them too, so this only decides when to tell systemd we are ready.
@@ -48,6 +50,7 @@ pub fn run(config: &Config, shutdown: Receiver<()>) -> Result<(), ServiceError> 
     log::info!("stopping: answering the orders in flight");
     join_all(threads);
     join_all(writers);
+    join_all(watchdog.into_iter().collect());
     log::info!("stopped");
     Ok(())
 }
