@@ -242,6 +242,16 @@ impl Link {
         }
     }
 
+    /// Lets the next [`Link::get`] try to connect at once, whatever the
+    /// backoff says. For callers with work that has a deadline: each of
+    /// order-service's writers has its own link, and one still in backoff
+    /// must not turn orders away while Redis is back (another writer
+    /// already reconnected). A refused connection fails at once, a frozen
+    /// Redis within the connect timeout, so this never blocks past it.
+    pub fn skip_backoff(&mut self) {
+        self.next_attempt = None;
+    }
+
     /// Drops the connection (after a protocol surprise, say).
     pub fn reset(&mut self) {
         self.conn = None;

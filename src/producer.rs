@@ -136,6 +136,9 @@ fn write_loop(mut link: Link, jobs: &Receiver<Box<Job>>, beat: &Heartbeat) {
 
 fn write_batch(link: &mut Link, batch: Vec<Job>) {
     crate::metrics::order_batch(batch.len() as u64);
+    // These orders wait for an answer: try Redis now rather than fail them
+    // because an earlier batch failed.
+    link.skip_backoff();
     let mut pending = batch;
     // Second pass only for orders whose stream had vanished.
     for attempt in 0..2 {
