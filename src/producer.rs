@@ -17,10 +17,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use redis::Value;
 use serde_json::json;
-use tiny_http::Request;
 
 use crate::connection::{Link, Redis};
-use crate::http;
+use crate::http::{self, Request};
 use crate::notify::{Heartbeat, Heartbeats};
 use crate::record::Order;
 use crate::topology::{self, ORDER_EVENTS};

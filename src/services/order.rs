@@ -9,12 +9,11 @@ use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
 use serde_json::Value as Json;
-use tiny_http::{Header, Method, Request};
 
 use super::{join_all, Probe, ServiceError};
 use crate::config::Config;
 use crate::connection::Redis;
-use crate::http::{self, BodyError, HttpServer};
+use crate::http::{self, BodyError, Header, HttpServer, Method, Request};
 use crate::producer::Producer;
 use crate::record::{FieldError, Order, Problem};
 use crate::{notify, topology, trim};
@@ -112,9 +111,8 @@ fn order_from_query(url: &str) -> Result<Order, String> {
 }
 
 fn order_from_body(request: &mut Request) -> Result<Order, (u16, String)> {
-    let body = http::read_body(request, http::MAX_BODY).map_err(|e| match e {
-        BodyError::TooLarge => (413, format!("body larger than {} bytes", http::MAX_BODY)),
-        BodyError::Io(e) => (400, format!("could not read the body: {e}")),
+    let body = http::read_body(request, http::MAX_BODY).map_err(|BodyError::TooLarge| {
+        (413, format!("body larger than {} bytes", http::MAX_BODY))
     })?;
     let text =
         std::str::from_utf8(&body).map_err(|_| (400, "body is not valid UTF-8".to_string()))?;

@@ -19,3 +19,7 @@ mod faults;
 mod notify_protocol;
 mod streamctl;
 mod systemd;
+
+// An edge host on an untrusted network (issue 7): TLS and ACL users for
+// Redis, HTTP that survives abuse, values checked at both doors.
+mod security;

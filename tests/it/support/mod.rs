@@ -14,6 +14,7 @@
 pub mod flow;
 mod http;
 mod redis;
+pub mod secure;
 mod service;
 mod wait;
 mod webhook;
