@@ -1,0 +1,165 @@
+//! The load tool: `cargo bench --bench load -- <mode> [flags]`.
+//!
+//! It measures the three services from the outside, through the wire
+//! contract only (`GET /order`, the streams and groups in Redis), and
+//! measures the machine's own limits in the same run (a bare tiny_http
+//! server, raw `XADD`s), so results read as ratios that mean something on
+//! any machine. See `--help` and BENCHMARKS.md.
+//!
+//! One file per idea under `benches/load/` (a crate root's modules live
+//! beside it, hence the `#[path]`s): [`args`], the HTTP [`client`],
+//! the closed-loop [`drive`]r, the [`reference`] runs, the [`system`] run
+//! and its drain, the [`latency`] run, [`ready`] (start-to-ready),
+//! [`procs`] (memory), [`progress`], [`stats`] and [`report`].
+
+#[path = "load/args.rs"]
+mod args;
+#[path = "load/client.rs"]
+mod client;
+#[path = "load/drive.rs"]
+mod drive;
+#[path = "load/latency.rs"]
+mod latency;
+#[path = "load/procs.rs"]
+mod procs;
+#[path = "load/progress.rs"]
+mod progress;
+#[path = "load/ready.rs"]
+mod ready;
+#[path = "load/reference.rs"]
+mod reference;
+#[path = "load/report.rs"]
+mod report;
+#[path = "load/stats.rs"]
+mod stats;
+#[path = "load/system.rs"]
+mod system;
+
+use std::process::ExitCode;
+
+use args::{Args, Mode};
+use procs::{Mem, Proc};
+use progress::Progress;
+use report::Round;
+
+fn main() -> ExitCode {
+    match try_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("load: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn try_main() -> Result<(), String> {
+    let Some(args) = args::parse(std::env::args().skip(1))? else {
+        print!("{}", args::USAGE);
+        return Ok(());
+    };
+    let progress = Progress::start();
+    match args.mode {
+        Mode::All => all(&args, &progress),
+        Mode::Reference => reference(&args, &progress),
+        Mode::Load => load(&args, &progress),
+        Mode::Latency => latency(&args, &progress),
+        Mode::Ready => ready(&args, &progress),
+        Mode::Rss => {
+            let procs = procs::services(&args.pids);
+            report::memory(&procs, &memory(&procs), &memory(&procs));
+            Ok(())
+        }
+    }
+}
+
+/// Reference, system and latency runs, interleaved for `--rounds` rounds.
+/// On a failure, the rounds done so far are printed before the error.
+fn all(args: &Args, progress: &Progress) -> Result<(), String> {
+    system::preflight(args)?;
+    report::settings(args);
+    let procs = procs::services(&args.pids);
+    let before = memory(&procs);
+    let mut rounds = Vec::with_capacity(args.rounds);
+    let mut failure = None;
+    for r in 1..=args.rounds {
+        progress.round(format!("round {r}/{}", args.rounds));
+        match one_round(args, progress) {
+            Ok(round) => rounds.push(round),
+            Err(e) => {
+                failure = Some(format!("round {r}: {e}"));
+                break;
+            }
+        }
+    }
+    progress.idle();
+    let after = memory(&procs);
+    report::throughput(&rounds);
+    let latencies: Vec<_> = rounds.iter().filter_map(|r| r.latency.as_ref()).collect();
+    report::latency(args, &latencies);
+    report::memory(&procs, &before, &after);
+    report::targets(&rounds, &before, &after);
+    failure.map_or(Ok(()), Err)
+}
+
+fn one_round(args: &Args, progress: &Progress) -> Result<Round, String> {
+    let bare = reference::bare_http(args, progress)?;
+    reference::settle();
+    let xadd = reference::xadd(args, progress)?;
+    let system = system::run(args, progress)?;
+    reference::settle();
+    let latency = latency::run(args, progress)?;
+    Ok(Round {
+        bare: Some(bare),
+        xadd: Some(xadd),
+        system: Some(system),
+        latency: Some(latency),
+    })
+}
+
+fn reference(args: &Args, progress: &Progress) -> Result<(), String> {
+    report::settings(args);
+    let mut rounds = Vec::with_capacity(args.rounds);
+    for r in 1..=args.rounds {
+        progress.round(format!("round {r}/{}", args.rounds));
+        let bare = reference::bare_http(args, progress)?;
+        reference::settle();
+        let xadd = reference::xadd(args, progress)?;
+        rounds.push(Round {
+            bare: Some(bare),
+            xadd: Some(xadd),
+            ..Round::default()
+        });
+    }
+    progress.idle();
+    report::reference(&rounds);
+    Ok(())
+}
+
+fn load(args: &Args, progress: &Progress) -> Result<(), String> {
+    system::preflight(args)?;
+    report::settings(args);
+    let procs = procs::services(&args.pids);
+    let before = memory(&procs);
+    let run = system::run(args, progress)?;
+    report::system(&run);
+    report::memory(&procs, &before, &memory(&procs));
+    Ok(())
+}
+
+fn latency(args: &Args, progress: &Progress) -> Result<(), String> {
+    system::preflight(args)?;
+    report::settings(args);
+    let run = latency::run(args, progress)?;
+    report::latency(args, &[&run]);
+    Ok(())
+}
+
+fn ready(args: &Args, progress: &Progress) -> Result<(), String> {
+    let runs = ready::run(args, progress)?;
+    report::ready(&runs);
+    Ok(())
+}
+
+fn memory(procs: &[Proc]) -> Vec<Option<Mem>> {
+    procs.iter().map(|p| procs::mem(p.pid)).collect()
+}

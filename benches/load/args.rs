@@ -1,0 +1,240 @@
+//! Command-line flags. No parser crate: the flags are few, and `cargo bench`
+//! appends `--bench` to every benchmark's arguments, which we must ignore.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::client::{ClientKind, Target};
+
+/// What `--help` prints.
+pub const USAGE: &str = "\
+usage: cargo bench --bench load -- <mode> [flags]
+
+modes:
+  all        R rounds of: reference, /order load + end-to-end drain, latency;
+             prints every round, the medians, ratios and the targets
+  reference  the machine's limits: a bare in-process tiny_http server loaded
+             like /order, and raw XADD round trips (sequential, pipelined)
+  load       N orders from C clients to /order, then waits until every group
+             has consumed everything: requests/s, latency, end-to-end orders/s
+  latency    orders at a fixed rate; order -> payment-event latency
+  ready      spawns each service binary from --bin-dir and times spawn ->
+             first 200 on /readyz, idle RSS and SIGTERM -> exit
+  rss        VmRSS and VmHWM of the running services
+
+flags:
+  --url URL          order-service base URL      [http://127.0.0.1:8080]
+  --redis URL        Redis the services use      [redis://127.0.0.1:6379]
+  -n N               requests per load run       [20000]
+  -c C               concurrent clients          [16]
+  --rate R           orders/s in latency mode    [200]
+  --seconds S        latency mode duration       [10]
+  --rounds R         rounds (all, reference, ready) [3]
+  --client raw|ureq  HTTP client                 [raw]
+  --workers W        bare tiny_http worker threads [number of CPUs]
+  --pipeline B       XADDs per pipelined batch   [64]
+  --pids P,P,...     service pids for RSS        [found by /proc/*/comm]
+  --bin-dir DIR      where the service binaries are (ready mode)
+  --time-limit S     cap on any one phase        [120]
+
+Traffic goes only to 127.0.0.1: other hosts are refused.
+";
+
+/// The mode, the first word that is not a flag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Reference, system and latency runs, interleaved for R rounds.
+    All,
+    /// Bare tiny_http and raw XADD only.
+    Reference,
+    /// `/order` load and end-to-end drain.
+    Load,
+    /// Fixed-rate order -> payment latency.
+    Latency,
+    /// Spawn -> ready of each binary.
+    Ready,
+    /// Memory of the running services.
+    Rss,
+}
+
+/// Every setting of a run. Built once by [`parse`], then read-only.
+#[derive(Clone, Debug)]
+pub struct Args {
+    /// What to run.
+    pub mode: Mode,
+    /// order-service, always on 127.0.0.1.
+    pub target: Target,
+    /// Redis URL, checked to point at this host.
+    pub redis: String,
+    /// Requests per load run (`-n`).
+    pub requests: usize,
+    /// Concurrent clients (`-c`).
+    pub clients: usize,
+    /// Orders per second in latency mode.
+    pub rate: u64,
+    /// Latency mode duration.
+    pub seconds: u64,
+    /// Rounds for `all`, `reference` and `ready`.
+    pub rounds: usize,
+    /// Which HTTP client the load threads use.
+    pub client: ClientKind,
+    /// Worker threads of the bare tiny_http server.
+    pub workers: usize,
+    /// XADDs per pipelined batch.
+    pub pipeline: usize,
+    /// Service pids given with `--pids`; empty means "look them up".
+    pub pids: Vec<u32>,
+    /// Directory of the service binaries (ready mode).
+    pub bin_dir: Option<PathBuf>,
+    /// Upper bound on the duration of any one phase.
+    pub time_limit: Duration,
+}
+
+impl Default for Args {
+    fn default() -> Args {
+        Args {
+            mode: Mode::All,
+            target: Target::local(8080),
+            redis: "redis://127.0.0.1:6379".to_string(),
+            requests: 20_000,
+            clients: 16,
+            rate: 200,
+            seconds: 10,
+            rounds: 3,
+            client: ClientKind::Raw,
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            pipeline: 64,
+            pids: Vec::new(),
+            bin_dir: None,
+            time_limit: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Parses the arguments (without the program name). `Ok(None)` means: print
+/// the usage and exit successfully (`--help`, or no mode, as with a plain
+/// `cargo bench` that runs every benchmark).
+pub fn parse(argv: impl IntoIterator<Item = String>) -> Result<Option<Args>, String> {
+    let mut args = Args::default();
+    let mut mode = None;
+    let mut it = argv.into_iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--bench" => {}
+            "-h" | "--help" => return Ok(None),
+            flag if flag.starts_with('-') => {
+                let value = it
+                    .next()
+                    .ok_or_else(|| format!("{flag} needs a value (see --help)"))?;
+                set_flag(&mut args, flag, &value)?;
+            }
+            word if mode.is_none() => mode = Some(parse_mode(word)?),
+            word => return Err(format!("unexpected argument {word:?} (see --help)")),
+        }
+    }
+    let Some(mode) = mode else { return Ok(None) };
+    args.mode = mode;
+    validate(&args)?;
+    Ok(Some(args))
+}
+
+fn parse_mode(word: &str) -> Result<Mode, String> {
+    Ok(match word {
+        "all" => Mode::All,
+        "reference" => Mode::Reference,
+        "load" => Mode::Load,
+        "latency" => Mode::Latency,
+        "ready" => Mode::Ready,
+        "rss" => Mode::Rss,
+        _ => return Err(format!("unknown mode {word:?} (see --help)")),
+    })
+}
+
+fn set_flag(args: &mut Args, flag: &str, value: &str) -> Result<(), String> {
+    match flag {
+        "--url" => args.target = Target::parse(value)?,
+        "--redis" => args.redis = local_redis(value)?,
+        "-n" | "--requests" => args.requests = number(flag, value)?,
+        "-c" | "--clients" => args.clients = number(flag, value)?,
+        "--rate" => args.rate = number(flag, value)?,
+        "--seconds" => args.seconds = number(flag, value)?,
+        "--rounds" => args.rounds = number(flag, value)?,
+        "--client" => args.client = ClientKind::parse(value)?,
+        "--workers" => args.workers = number(flag, value)?,
+        "--pipeline" => args.pipeline = number(flag, value)?,
+        "--pids" => args.pids = pids(value)?,
+        "--bin-dir" => args.bin_dir = Some(PathBuf::from(value)),
+        "--time-limit" => args.time_limit = Duration::from_secs(number(flag, value)?),
+        _ => return Err(format!("unknown flag {flag} (see --help)")),
+    }
+    Ok(())
+}
+
+fn number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
+    value
+        .parse()
+        .map_err(|_| format!("{flag} wants a whole number, not {value:?}"))
+}
+
+fn pids(value: &str) -> Result<Vec<u32>, String> {
+    value
+        .split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| number("--pids", p.trim()))
+        .collect()
+}
+
+fn validate(args: &Args) -> Result<(), String> {
+    let checks = [
+        (args.requests >= 1, "-n must be at least 1"),
+        ((1..=1024).contains(&args.clients), "-c must be 1..=1024"),
+        (
+            (1..=100_000).contains(&args.rate),
+            "--rate must be 1..=100000",
+        ),
+        (
+            (1..=3600).contains(&args.seconds),
+            "--seconds must be 1..=3600",
+        ),
+        ((1..=100).contains(&args.rounds), "--rounds must be 1..=100"),
+        (
+            (1..=256).contains(&args.workers),
+            "--workers must be 1..=256",
+        ),
+        (
+            (1..=10_000).contains(&args.pipeline),
+            "--pipeline must be 1..=10000",
+        ),
+        (
+            !args.time_limit.is_zero(),
+            "--time-limit must be at least 1",
+        ),
+    ];
+    match checks.iter().find(|(ok, _)| !ok) {
+        Some((_, msg)) => Err((*msg).to_string()),
+        None => Ok(()),
+    }
+}
+
+/// Accepts `redis://` or `rediss://` URLs whose host is this machine.
+fn local_redis(url: &str) -> Result<String, String> {
+    let rest = url
+        .strip_prefix("redis://")
+        .or_else(|| url.strip_prefix("rediss://"))
+        .ok_or_else(|| format!("--redis wants redis://HOST:PORT, not {url:?}"))?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host_port = authority.rsplit('@').next().unwrap_or_default();
+    let host = host_port.rsplit_once(':').map_or(host_port, |(h, _)| h);
+    if is_local_host(host) {
+        Ok(url.to_string())
+    } else {
+        Err(format!(
+            "--redis {url:?}: this tool only talks to 127.0.0.1 (got host {host:?})"
+        ))
+    }
+}
+
+/// Hosts that name this machine's IPv4 loopback.
+pub fn is_local_host(host: &str) -> bool {
+    matches!(host, "127.0.0.1" | "localhost")
+}

@@ -1,0 +1,453 @@
+//! Printing results: Markdown tables (readable in a terminal, pasteable
+//! into BENCHMARKS.md), medians over rounds, and the targets of the issue.
+
+use crate::args::Args;
+use crate::drive::Outcome;
+use crate::latency::LatencyRun;
+use crate::procs::{Mem, Proc};
+use crate::ready::ReadyRun;
+use crate::reference::XaddRates;
+use crate::stats::{self, median, mib, ms, per_sec, ratio};
+use crate::system::SystemRun;
+
+/// What one round of `all` (or `reference`) measured.
+#[derive(Default)]
+pub struct Round {
+    /// The bare tiny_http server under the same load.
+    pub bare: Option<Outcome>,
+    /// Raw XADD round trips.
+    pub xadd: Option<XaddRates>,
+    /// `/order` and the drain.
+    pub system: Option<SystemRun>,
+    /// Order -> payment latency.
+    pub latency: Option<LatencyRun>,
+}
+
+impl Round {
+    fn bare_rps(&self) -> f64 {
+        self.bare.as_ref().map_or(f64::NAN, Outcome::rps)
+    }
+    fn order_rps(&self) -> f64 {
+        self.system.as_ref().map_or(f64::NAN, |s| s.http.rps())
+    }
+    fn e2e(&self) -> f64 {
+        self.system.as_ref().map_or(f64::NAN, SystemRun::e2e_rate)
+    }
+    fn pay_p99_ms(&self) -> f64 {
+        self.latency
+            .as_ref()
+            .map_or(f64::NAN, |l| l.payment.p99.as_secs_f64() * 1e3)
+    }
+}
+
+/// A table whose columns are padded to their widest cell.
+struct Table {
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(header: &[&str]) -> Table {
+        Table {
+            rows: vec![header.iter().map(|h| h.to_string()).collect()],
+        }
+    }
+
+    fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    fn print(&self) {
+        let columns = self.rows.iter().map(Vec::len).max().unwrap_or(0);
+        let width = |c: usize| {
+            self.rows
+                .iter()
+                .map(|r| r.get(c).map_or(0, |s| s.chars().count()))
+                .max()
+                .unwrap_or(0)
+        };
+        let widths: Vec<usize> = (0..columns).map(width).collect();
+        for (i, row) in self.rows.iter().enumerate() {
+            let cells: Vec<String> = widths
+                .iter()
+                .enumerate()
+                .map(|(c, w)| {
+                    // The first column names the row: left-aligned.
+                    let cell = row.get(c).map_or("", String::as_str);
+                    if c == 0 {
+                        format!("{cell:<w$}")
+                    } else {
+                        format!("{cell:>w$}")
+                    }
+                })
+                .collect();
+            println!("| {} |", cells.join(" | "));
+            if i == 0 {
+                let rule: Vec<String> = widths
+                    .iter()
+                    .enumerate()
+                    .map(|(c, w)| match c {
+                        0 => format!(":{}", "-".repeat(*w - 1)),
+                        _ => format!("{}:", "-".repeat(*w - 1)),
+                    })
+                    .collect();
+                println!("| {} |", rule.join(" | "));
+            }
+        }
+        println!();
+    }
+}
+
+/// The settings line printed before any result.
+pub fn settings(args: &Args) {
+    println!(
+        "load: -n {} -c {} --client {} --workers {} --pipeline {} --rate {} --seconds {} \
+         --url {} --redis {}\n",
+        args.requests,
+        args.clients,
+        args.client.name(),
+        args.workers,
+        args.pipeline,
+        args.rate,
+        args.seconds,
+        args.target.base,
+        args.redis
+    );
+}
+
+/// The throughput table: reference, system, ratios; one row per round and
+/// the medians.
+pub fn throughput(rounds: &[Round]) {
+    println!("Throughput (requests/s of 200 answers; e2e = accepted orders / (first request -> all groups done))\n");
+    let mut t = Table::new(&[
+        "round",
+        "bare rps",
+        "XADD seq/s",
+        "XADD pipe/s",
+        "/order rps",
+        "p50 ms",
+        "p99 ms",
+        "p999 ms",
+        "failed",
+        "e2e/s",
+        "/order÷bare",
+        "e2e÷bare",
+    ]);
+    for (i, r) in rounds.iter().enumerate() {
+        t.row(throughput_row((i + 1).to_string(), r));
+    }
+    if rounds.len() > 1 {
+        t.row(median_row(rounds));
+    }
+    t.print();
+}
+
+fn throughput_row(label: String, r: &Round) -> Vec<String> {
+    let xadd = |f: fn(&XaddRates) -> f64| r.xadd.as_ref().map_or(f64::NAN, f);
+    let http = r.system.as_ref().map(|s| &s.http);
+    let lat = |f: fn(&Outcome) -> std::time::Duration| http.map_or("-".into(), |o| ms(f(o)));
+    vec![
+        label,
+        per_sec(r.bare_rps()),
+        per_sec(xadd(|x| x.sequential)),
+        per_sec(xadd(|x| x.pipelined)),
+        per_sec(r.order_rps()),
+        lat(|o| o.latency.p50),
+        lat(|o| o.latency.p99),
+        lat(|o| o.latency.p999),
+        http.map_or("-".into(), |o| o.failed.to_string()),
+        per_sec(r.e2e()),
+        ratio(r.order_rps() / r.bare_rps()),
+        ratio(r.e2e() / r.bare_rps()),
+    ]
+}
+
+fn median_row(rounds: &[Round]) -> Vec<String> {
+    let m = |f: &dyn Fn(&Round) -> f64| median(rounds.iter().map(f));
+    let lat = |f: &dyn Fn(&Outcome) -> std::time::Duration| {
+        let v = m(&|r| {
+            r.system
+                .as_ref()
+                .map_or(f64::NAN, |s| f(&s.http).as_secs_f64() * 1e3)
+        });
+        if v.is_finite() {
+            format!("{v:.3}")
+        } else {
+            "-".into()
+        }
+    };
+    vec![
+        "median".into(),
+        per_sec(m(&Round::bare_rps)),
+        per_sec(m(&|r| r.xadd.map_or(f64::NAN, |x| x.sequential))),
+        per_sec(m(&|r| r.xadd.map_or(f64::NAN, |x| x.pipelined))),
+        per_sec(m(&Round::order_rps)),
+        lat(&|o| o.latency.p50),
+        lat(&|o| o.latency.p99),
+        lat(&|o| o.latency.p999),
+        per_sec(m(&|r| {
+            r.system.as_ref().map_or(f64::NAN, |s| s.http.failed as f64)
+        })),
+        per_sec(m(&Round::e2e)),
+        ratio(m(&|r| r.order_rps() / r.bare_rps())),
+        ratio(m(&|r| r.e2e() / r.bare_rps())),
+    ]
+}
+
+/// The reference table alone (mode `reference`).
+pub fn reference(rounds: &[Round]) {
+    println!("Reference (bare tiny_http loaded like /order; raw XADD on one connection)\n");
+    let mut t = Table::new(&[
+        "round",
+        "bare rps",
+        "p50 ms",
+        "p99 ms",
+        "p999 ms",
+        "XADD seq/s",
+        "XADD pipe/s",
+    ]);
+    for (i, r) in rounds.iter().enumerate() {
+        let b = r.bare.as_ref();
+        let lat = |f: fn(&Outcome) -> std::time::Duration| b.map_or("-".into(), |o| ms(f(o)));
+        t.row(vec![
+            (i + 1).to_string(),
+            per_sec(r.bare_rps()),
+            lat(|o| o.latency.p50),
+            lat(|o| o.latency.p99),
+            lat(|o| o.latency.p999),
+            per_sec(r.xadd.map_or(f64::NAN, |x| x.sequential)),
+            per_sec(r.xadd.map_or(f64::NAN, |x| x.pipelined)),
+        ]);
+    }
+    if rounds.len() > 1 {
+        let m = |f: &dyn Fn(&Round) -> f64| per_sec(median(rounds.iter().map(f)));
+        t.row(vec![
+            "median".into(),
+            m(&Round::bare_rps),
+            "".into(),
+            "".into(),
+            "".into(),
+            m(&|r| r.xadd.map_or(f64::NAN, |x| x.sequential)),
+            m(&|r| r.xadd.map_or(f64::NAN, |x| x.pipelined)),
+        ]);
+    }
+    t.print();
+}
+
+/// One system run (mode `load`).
+pub fn system(run: &SystemRun) {
+    let h = &run.http;
+    println!(
+        "/order: {} ok, {} failed in {:.3} s: {} requests/s",
+        h.ok,
+        h.failed,
+        h.elapsed.as_secs_f64(),
+        per_sec(h.rps())
+    );
+    println!(
+        "        latency p50 {} ms, p99 {} ms, p999 {} ms, max {} ms",
+        ms(h.latency.p50),
+        ms(h.latency.p99),
+        ms(h.latency.p999),
+        ms(h.latency.max)
+    );
+    if let Some(e) = &h.first_error {
+        println!("        first failure: {e}");
+    }
+    println!(
+        "end-to-end: {} orders/s (first request -> all groups done in {:.3} s); \
+         order-events +{}, payment-events +{}",
+        per_sec(run.e2e_rate()),
+        run.e2e.as_secs_f64(),
+        run.orders,
+        run.payments
+    );
+    if run.payments != h.ok as u64 || run.orders != h.ok as u64 {
+        println!(
+            "        note: entries added differ from the {} accepted orders",
+            h.ok
+        );
+    }
+    println!();
+}
+
+/// The latency table, one row per run and the medians.
+pub fn latency(args: &Args, runs: &[&LatencyRun]) {
+    println!(
+        "Order -> payment-event latency at {}/s for {} s (request sent -> entry seen by XREAD BLOCK)\n",
+        args.rate, args.seconds
+    );
+    let mut t = Table::new(&[
+        "round",
+        "sent",
+        "accepted",
+        "matched",
+        "late",
+        "rate/s",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "http p99 ms",
+    ]);
+    for (i, l) in runs.iter().enumerate() {
+        t.row(vec![
+            (i + 1).to_string(),
+            l.sent.to_string(),
+            l.accepted.to_string(),
+            l.matched.to_string(),
+            l.late.to_string(),
+            format!("{:.1}", l.rate),
+            ms(l.payment.p50),
+            ms(l.payment.p99),
+            ms(l.payment.max),
+            ms(l.http.p99),
+        ]);
+    }
+    if runs.len() > 1 {
+        let m = |f: &dyn Fn(&LatencyRun) -> std::time::Duration| {
+            format!(
+                "{:.3}",
+                median(runs.iter().map(|l| f(l).as_secs_f64() * 1e3))
+            )
+        };
+        let mut row = vec!["median".to_string()];
+        row.extend(["", "", "", "", ""].map(String::from));
+        row.extend([
+            m(&|l| l.payment.p50),
+            m(&|l| l.payment.p99),
+            m(&|l| l.payment.max),
+            m(&|l| l.http.p99),
+        ]);
+        t.row(row);
+    }
+    t.print();
+    for (i, l) in runs.iter().enumerate() {
+        if let Some(e) = &l.first_error {
+            println!("round {}: first failure: {e}", i + 1);
+        }
+    }
+}
+
+/// Memory of the services before and after.
+pub fn memory(procs: &[Proc], before: &[Option<Mem>], after: &[Option<Mem>]) {
+    if procs.is_empty() {
+        println!("Memory: no service process found (give --pids, or run the binaries by name)\n");
+        return;
+    }
+    println!("Memory (MiB, from /proc/<pid>/status)\n");
+    let mut t = Table::new(&[
+        "service",
+        "pid",
+        "VmRSS before",
+        "VmHWM before",
+        "VmRSS after",
+        "VmHWM after",
+    ]);
+    let cell = |m: &Option<Mem>, f: fn(&Mem) -> u64| m.as_ref().map_or("-".into(), |m| mib(f(m)));
+    for (i, p) in procs.iter().enumerate() {
+        let (b, a) = (&before[i], &after[i]);
+        t.row(vec![
+            p.name.clone(),
+            p.pid.to_string(),
+            cell(b, |m| m.rss_kib),
+            cell(b, |m| m.hwm_kib),
+            cell(a, |m| m.rss_kib),
+            cell(a, |m| m.hwm_kib),
+        ]);
+    }
+    t.print();
+}
+
+/// Start-to-ready of every binary.
+pub fn ready(runs: &[ReadyRun]) {
+    println!("Start-to-ready (spawn -> first 200 on /readyz), idle RSS, SIGTERM -> exit\n");
+    let mut t = Table::new(&[
+        "service",
+        "starts",
+        "ready median ms",
+        "ready max ms",
+        "idle RSS MiB",
+        "stop median ms",
+    ]);
+    for r in runs {
+        let med = |f: fn(&crate::ready::Start) -> f64| median(r.starts.iter().map(f));
+        let max_ready = r.starts.iter().map(|s| s.ready).max().unwrap_or_default();
+        let rss = r.starts.iter().filter_map(|s| s.idle_rss_kib).max();
+        t.row(vec![
+            r.name.to_string(),
+            r.starts.len().to_string(),
+            format!("{:.2}", med(|s| s.ready.as_secs_f64() * 1e3)),
+            format!("{:.2}", max_ready.as_secs_f64() * 1e3),
+            rss.map_or("-".into(), mib),
+            format!("{:.1}", med(|s| s.stop.as_secs_f64() * 1e3)),
+        ]);
+    }
+    t.print();
+    let worst = runs
+        .iter()
+        .flat_map(|r| r.starts.iter().map(|s| s.ready.as_secs_f64() * 1e3))
+        .fold(0.0, f64::max);
+    check(
+        "start-to-ready ≤ 20 ms (worst start)",
+        worst,
+        20.0,
+        false,
+        "ms",
+    );
+}
+
+/// The issue's targets against the medians of `rounds` and the memory.
+pub fn targets(rounds: &[Round], before: &[Option<Mem>], after: &[Option<Mem>]) {
+    println!("Targets (medians over rounds)\n");
+    check(
+        "/order rps ≥ 0.6 × bare tiny_http",
+        median(rounds.iter().map(|r| r.order_rps() / r.bare_rps())),
+        0.6,
+        true,
+        "×",
+    );
+    check(
+        "end-to-end ≥ 0.5 × bare tiny_http",
+        median(rounds.iter().map(|r| r.e2e() / r.bare_rps())),
+        0.5,
+        true,
+        "×",
+    );
+    check(
+        "order→payment p99 ≤ 1.0 ms",
+        median(rounds.iter().map(Round::pay_p99_ms)),
+        1.0,
+        false,
+        "ms",
+    );
+    let worst = |m: &[Option<Mem>], f: fn(&Mem) -> u64| {
+        m.iter()
+            .flatten()
+            .map(|m| f(m) as f64 / 1024.0)
+            .fold(f64::NAN, f64::max)
+    };
+    check(
+        "RSS per service ≤ 4 MiB idle (before load)",
+        worst(before, |m| m.rss_kib),
+        4.0,
+        false,
+        "MiB",
+    );
+    check(
+        "RSS per service ≤ 32 MiB at load (VmHWM after)",
+        worst(after, |m| m.hwm_kib),
+        32.0,
+        false,
+        "MiB",
+    );
+    println!();
+}
+
+fn check(what: &str, value: f64, bound: f64, at_least: bool, unit: &str) {
+    let verdict = match (value.is_finite(), at_least) {
+        (false, _) => "not measured",
+        (true, true) if value >= bound => "met",
+        (true, false) if value <= bound => "met",
+        _ => "MISSED",
+    };
+    println!("- {what}: {} {unit}: {verdict}", stats::ratio(value));
+}
