@@ -730,4 +730,109 @@ mod tests {
         assert!(entries[1].1.is_none());
         assert!(parse_read_reply(&Value::Nil).is_empty());
     }
+
+    mod properties {
+        //! Whatever Redis (or something posing as it) replies, reading it
+        //! never panics, and well-formed replies read back exactly. A long
+        //! run: `PROPTEST_CASES=100000 cargo test --lib consumer`.
+
+        use super::*;
+        use proptest::prelude::*;
+
+        fn config() -> ProptestConfig {
+            let mut config = ProptestConfig::default();
+            if std::env::var_os("PROPTEST_CASES").is_none() {
+                config.cases = 256;
+            }
+            config
+        }
+
+        fn any_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Nil),
+                Just(Value::Okay),
+                any::<i64>().prop_map(Value::Int),
+                proptest::collection::vec(any::<u8>(), 0..12).prop_map(Value::BulkString),
+                "[ -~]{0,8}".prop_map(Value::SimpleString),
+                any::<f64>().prop_map(Value::Double),
+                any::<bool>().prop_map(Value::Boolean),
+            ];
+            leaf.prop_recursive(4, 64, 6, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                    proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Set),
+                    proptest::collection::vec((inner.clone(), inner), 0..4).prop_map(Value::Map),
+                ]
+            })
+        }
+
+        type Entry = (String, Option<Vec<(Vec<u8>, Vec<u8>)>>);
+
+        fn entry() -> impl Strategy<Value = Entry> {
+            (
+                "[0-9]{1,13}-[0-9]{1,3}",
+                proptest::option::of(proptest::collection::vec(
+                    (
+                        proptest::collection::vec(any::<u8>(), 0..10),
+                        proptest::collection::vec(any::<u8>(), 0..10),
+                    ),
+                    0..5,
+                )),
+            )
+        }
+
+        fn reply(stream: &str, entries: &[Entry], resp3: bool) -> Value {
+            let items = entries
+                .iter()
+                .map(|(id, fields)| {
+                    let fields = match fields {
+                        None => Value::Nil,
+                        Some(kv) => Value::Array(
+                            kv.iter()
+                                .flat_map(|(k, v)| {
+                                    [Value::BulkString(k.clone()), Value::BulkString(v.clone())]
+                                })
+                                .collect(),
+                        ),
+                    };
+                    Value::Array(vec![Value::BulkString(id.clone().into_bytes()), fields])
+                })
+                .collect();
+            let name = Value::BulkString(stream.as_bytes().to_vec());
+            if resp3 {
+                Value::Map(vec![(name, Value::Array(items))])
+            } else {
+                Value::Array(vec![Value::Array(vec![name, Value::Array(items)])])
+            }
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            #[test]
+            fn arbitrary_replies_never_panic(reply in any_value()) {
+                let entries = parse_read_reply(&reply);
+                if let Some(items) = value::as_array(&reply) {
+                    let _ = parse_entries(items);
+                }
+                for fields in entries.iter().filter_map(|(_, f)| f.as_ref()) {
+                    let _ = crate::record::Order::from_fields(fields);
+                    let _ = crate::record::Payment::from_fields(fields);
+                }
+            }
+
+            #[test]
+            fn well_formed_replies_read_back_exactly(
+                entries in proptest::collection::vec(entry(), 0..6),
+                resp3 in any::<bool>(),
+            ) {
+                let got = parse_read_reply(&reply("order-events", &entries, resp3));
+                prop_assert_eq!(got.len(), entries.len());
+                for ((id, fields), (want_id, want)) in got.iter().zip(&entries) {
+                    prop_assert_eq!(id, want_id);
+                    prop_assert_eq!(fields.as_ref().map(|f| f.0.clone()), want.clone());
+                }
+            }
+        }
+    }
 }

@@ -21,5 +21,7 @@ mod streamctl;
 mod systemd;
 
 // An edge host on an untrusted network (issue 7): TLS and ACL users for
-// Redis, HTTP that survives abuse, values checked at both doors.
+// Redis, HTTP that survives abuse, values checked at both doors; property
+// tests on everything that decodes bytes from outside.
+mod fuzz;
 mod security;

@@ -647,6 +647,60 @@ fn half_open_and_trickling_clients_cannot_tie_up_order_service() {
     eprintln!("after the attack: {threads_after} threads");
 }
 
+/// Eight clients pipeline 20,000 requests each and never read the
+/// answers: their connections' threads soon wait to write, the workers do
+/// not, so fresh orders are still answered within a second. (With
+/// tiny_http the workers wrote the answers, and four such clients could
+/// hold all four of them for IO_TIMEOUT at a time.)
+#[test]
+fn clients_that_never_read_their_answers_do_not_stall_the_workers() {
+    let redis = RedisServer::start();
+    let svc = start_ready("order-service", &redis, &[]);
+    let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    // 20,000 pipelined requests per client, about 0.7 MB: the server
+    // takes them in while its answers pile up unread.
+    let batch: Vec<u8> = request.repeat(20_000);
+    let mut greedy = Vec::new();
+    for _ in 0..8 {
+        // A small receive buffer: the unread answers fill it soon.
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        socket.connect(&svc.addr().into()).expect("connect");
+        let mut s: TcpStream = socket.into();
+        s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+        let _ = s.write_all(&batch);
+        greedy.push(s);
+    }
+    for i in 0..10 {
+        let resp = svc.get(&order_path(&format!("fresh-{i}"), "p", "1"));
+        svc.expect_status(&resp, 200);
+        svc.check(resp.elapsed < Duration::from_secs(1), || {
+            format!(
+                "a fresh order took {:?} next to greedy clients: {resp}",
+                resp.elapsed
+            )
+        });
+    }
+    drop(greedy);
+}
+
+/// Every service listens on loopback unless told otherwise.
+#[test]
+fn every_service_listens_on_loopback_by_default() {
+    use streamline::config::{parse, Command, Service as Which};
+    for which in [Which::Order, Which::Payment, Which::Notification] {
+        let Ok(Command::Run(config)) = parse(which, Vec::<String>::new(), |_| None) else {
+            panic!("{which:?}: the defaults must make a configuration");
+        };
+        assert!(
+            config.http_addr.ip().is_loopback(),
+            "{which:?} listens on {} by default",
+            config.http_addr
+        );
+    }
+}
+
 /// Heads and bodies over the limits are refused before they are read:
 /// a 10 MiB `Content-Length` with only the head sent, a chunk that
 /// announces 1 MiB, a chunked body that passes 64 KiB in small chunks, a
