@@ -17,13 +17,15 @@
 //!   `http-conn` thread. When the table is full, a new connection evicts
 //!   the one that has waited longest for its client (to send a head or a
 //!   body, or to read an answer); a connection whose request is being
-//!   handled is never evicted.
-//!   If all of them are busy, the new one gets `503` at once. Threads are
-//!   therefore bounded: `MAX_CONNECTIONS`, plus a few of evicted
-//!   connections that are exiting (the acceptor waits for them past a small
-//!   slack), plus the service's fixed few. A
-//!   slowloris attack only evicts its own connections: a client that sends
-//!   its request promptly is the newest, hence the last to go.
+//!   handled is never evicted. If all of them are busy, the new one gets
+//!   `503` at once. Threads are therefore bounded: `MAX_CONNECTIONS`, plus
+//!   at most 16 of evicted connections still exiting (past that the
+//!   acceptor waits for them), plus the service's fixed few. A slowloris
+//!   attack only evicts its own connections: a client that sends its
+//!   request promptly is the newest, hence the last to go.
+//! * **Keep-alive**: a connection serves its requests one at a time; bytes
+//!   of a next request that arrive early stay buffered (pipelining works)
+//!   and count against the limits above.
 //! * **Time**: a request head must arrive within [`IO_TIMEOUT`] of the
 //!   moment the connection starts waiting for it (idle keep-alive time
 //!   included), and its body within another `IO_TIMEOUT`. These are
@@ -131,12 +133,6 @@ impl HttpServer {
     /// The address actually listened on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
-    }
-
-    /// Open connections, and how many of them are waiting for their
-    /// client (the rest are being answered).
-    pub fn connections(&self) -> (usize, usize) {
-        self.shared.counts()
     }
 
     /// Starts the `http-accept` thread and `workers` threads named

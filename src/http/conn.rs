@@ -28,7 +28,7 @@ const LINGER: Duration = Duration::from_secs(2);
 /// Connection threads that may still be running beyond [`MAX_CONNECTIONS`]:
 /// those of evicted connections, which exit as soon as they are scheduled.
 /// Past this the acceptor waits for them (at most [`EXIT_WAIT`]).
-pub(super) const EXITING_SLACK: usize = 16;
+const EXITING_SLACK: usize = 16;
 /// How long the acceptor waits for evicted connections' threads to exit
 /// before refusing a new connection instead.
 const EXIT_WAIT: Duration = Duration::from_millis(200);
@@ -84,13 +84,6 @@ impl Shared {
 
     fn forget(&self, id: u64) {
         self.conns().remove(&id);
-    }
-
-    /// Open connections, and how many of them wait for their client.
-    pub(super) fn counts(&self) -> (usize, usize) {
-        let conns = self.conns();
-        let waiting = conns.values().filter(|s| s.waiting_since.is_some()).count();
-        (conns.len(), waiting)
     }
 
     pub(super) fn in_flight(&self) -> usize {
