@@ -55,7 +55,9 @@ trap 'exit 143' TERM
 free_port() { # a port nobody listens on and that this script has not handed out
   local port
   for _ in $(seq 100); do
-    port=$((20000 + RANDOM % 30000))
+    # Below the kernel's ephemeral range (32768-60999), so no outgoing
+    # connection holds it either.
+    port=$((20000 + RANDOM % 12000))
     case "$taken_ports" in *" $port "*) continue ;; esac
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
       taken_ports+="$port "

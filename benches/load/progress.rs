@@ -148,15 +148,20 @@ fn draw(shared: &Shared) {
     }
     let done = shared.done.load(Ordering::Relaxed);
     let failed = shared.failed.load(Ordering::Relaxed);
-    let mut line = format!("\r\x1b[K{}{}: {done}", p.round, p.label);
-    if p.total > 0 {
-        line += &format!("/{}", p.total);
-    }
-    if failed > 0 {
-        line += &format!(", {failed} failed");
-    }
     let secs = p.since.elapsed().as_secs_f64();
-    line += &format!(" ({:.0}/s, {secs:.1} s)", done as f64 / secs.max(1e-3));
+    let mut line = format!("\r\x1b[K{}{}", p.round, p.label);
+    if p.total > 0 || done > 0 {
+        line += &format!(": {done}");
+        if p.total > 0 {
+            line += &format!("/{}", p.total);
+        }
+        if failed > 0 {
+            line += &format!(", {failed} failed");
+        }
+        line += &format!(" ({:.0}/s, {secs:.1} s)", done as f64 / secs.max(1e-3));
+    } else {
+        line += &format!(" ({secs:.1} s)");
+    }
     let mut err = std::io::stderr().lock();
     let _ = err.write_all(line.as_bytes());
     let _ = err.flush();
