@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use redis::Value;
 use serde_json::json;
+use tiny_http::Request;
 
 use crate::connection::{Link, Redis};
-use crate::http::{self, Request};
+use crate::http;
 use crate::notify::{Heartbeat, Heartbeats};
 use crate::record::Order;
 use crate::topology::{self, ORDER_EVENTS};

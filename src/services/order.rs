@@ -9,11 +9,12 @@ use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
 use serde_json::Value as Json;
+use tiny_http::{Header, Method, Request};
 
 use super::{join_all, Probe, ServiceError};
 use crate::config::Config;
 use crate::connection::Redis;
-use crate::http::{self, BodyError, Header, HttpServer, Method, Request};
+use crate::http::{self, BodyError, HttpServer};
 use crate::producer::Producer;
 use crate::record::{FieldError, Order, Problem};
 use crate::{notify, topology, trim};
@@ -111,18 +112,22 @@ fn order_from_query(url: &str) -> Result<Order, String> {
 }
 
 fn order_from_body(request: &mut Request) -> Result<Order, (u16, String)> {
-    let body = http::read_body(request, http::MAX_BODY).map_err(|BodyError::TooLarge| {
-        (413, format!("body larger than {} bytes", http::MAX_BODY))
+    let body = http::read_body(request, http::MAX_BODY).map_err(|e| match e {
+        BodyError::TooLarge => (413, format!("body larger than {} bytes", http::MAX_BODY)),
+        BodyError::Io(e) => (400, format!("could not read the body: {e}")),
     })?;
-    let text =
-        std::str::from_utf8(&body).map_err(|_| (400, "body is not valid UTF-8".to_string()))?;
+    order_from_json(&body).map_err(|e| (400, e))
+}
+
+/// Reads and checks the JSON body of `POST /orders`:
+/// `{"userId":"U","productId":"P","price":"N"}`, price as a string or a
+/// number. The error names what is wrong.
+pub fn order_from_json(body: &[u8]) -> Result<Order, String> {
+    let text = std::str::from_utf8(body).map_err(|_| "body is not valid UTF-8".to_string())?;
     let json: Json =
-        serde_json::from_str(text).map_err(|e| (400, format!("body is not valid JSON: {e}")))?;
+        serde_json::from_str(text).map_err(|e| format!("body is not valid JSON: {e}"))?;
     let Json::Object(map) = json else {
-        return Err((
-            400,
-            "body must be a JSON object with userId, productId and price".into(),
-        ));
+        return Err("body must be a JSON object with userId, productId and price".into());
     };
     let text_field = |name: &'static str| match map.get(name) {
         None | Some(Json::Null) => Err(FieldError {
@@ -146,7 +151,7 @@ fn order_from_body(request: &mut Request) -> Result<Order, (u16, String)> {
         }),
     };
     (|| Order::new(text_field("userId")?, text_field("productId")?, price?))()
-        .map_err(|e| (400, e.to_string()))
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -1,10 +1,9 @@
 //! Property tests ("fuzzing" with proptest) on everything that takes bytes
 //! from outside: a request target through query decoding and validation,
-//! a whole raw request through the HTTP parser and on to an order, and a
-//! stream entry's raw fields through the consumers' decoding and the
-//! dead-letter format. The HTTP parser itself has its own properties next
-//! to it (`src/http/wire.rs`), as does the consumers' reply parsing
-//! (`src/consumer.rs`).
+//! a `POST /orders` body through JSON parsing and validation, raw bytes
+//! thrown at a live order-service, and a stream entry's raw fields through
+//! the consumers' decoding and the dead-letter format. The consumers' reply
+//! parsing has its own properties next to it (`src/consumer.rs`).
 //!
 //! `cargo test` makes a short run (256 cases each, a few seconds). For a
 //! long one, set `PROPTEST_CASES`:
@@ -20,9 +19,9 @@
 use proptest::prelude::*;
 
 use streamline::dlq::{split_fields, META_FIELDS};
-use streamline::http::wire::Incoming;
 use streamline::http::{path, query};
 use streamline::record::{Fields, Order, Payment};
+use streamline::services::order::order_from_json;
 
 /// 256 cases, or `PROPTEST_CASES` when set.
 fn config() -> ProptestConfig {
@@ -120,30 +119,31 @@ proptest! {
         );
     }
 
-    /// Raw bytes, as a client sends them, through the HTTP parser and on
-    /// to an order: never a panic, and only valid orders come out.
+    /// Any `POST /orders` body, JSON or not: never a panic, only valid
+    /// orders come out, and a refusal says what is wrong.
     #[test]
-    fn raw_requests_never_yield_an_invalid_order(
-        target in "/order\\?[ -~]{0,60}",
+    fn order_bodies_yield_valid_orders_or_a_reason(
+        user in edgy_text(),
+        product in edgy_text(),
+        price in prop_oneof![edgy_text().prop_map(serde_json::Value::String), any::<f64>().prop_map(|f| serde_json::json!(f)), any::<i64>().prop_map(|i| serde_json::json!(i))],
         junk in proptest::collection::vec(any::<u8>(), 0..64),
         cut in any::<usize>(),
     ) {
-        let mut raw = format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes();
+        let body = serde_json::json!({"userId": user, "productId": product, "price": price}).to_string();
+        match order_from_json(body.as_bytes()) {
+            Ok(order) => {
+                prop_assert!(valid_text(&order.user_id) && valid_text(&order.product_id));
+                prop_assert!(valid_price(&order.price));
+                prop_assert_eq!(&order.user_id, &user);
+            }
+            Err(e) => prop_assert!(!e.is_empty()),
+        }
+        let mut raw = body.into_bytes();
         let at = cut % (raw.len() + 1);
         raw.splice(at..at, junk);
-        let mut incoming = Incoming::new(raw.as_slice());
-        while let Ok(head) = incoming.read_head() {
-            if let Ok(q) = query(&head.target) {
-                let get = |k: &str| q.get(k).cloned().unwrap_or_default();
-                if let Ok(order) = Order::new(get("userId"), get("productId"), get("price")) {
-                    prop_assert!(valid_text(&order.user_id) && valid_text(&order.product_id));
-                    prop_assert!(valid_price(&order.price));
-                }
-            }
-            let Ok(framing) = head.framing() else { break };
-            if incoming.read_body(framing, 1024).is_err() {
-                break;
-            }
+        if let Ok(order) = order_from_json(&raw) {
+            prop_assert!(valid_text(&order.user_id) && valid_text(&order.product_id));
+            prop_assert!(valid_price(&order.price));
         }
     }
 
@@ -213,5 +213,92 @@ proptest! {
         prop_assert_eq!(back.0, original);
         let names: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
         prop_assert_eq!(names, META_FIELDS.to_vec());
+    }
+}
+
+/// Random and mutated requests, sent as raw bytes to a live order-service
+/// (whose HTTP layer is the patched tiny_http): whatever arrives, it keeps
+/// running, keeps answering, and writes only valid orders.
+#[test]
+fn a_live_order_service_survives_random_requests() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    use crate::support::{RedisServer, Service};
+
+    let redis = RedisServer::start();
+    let mut svc = Service::spawn("order-service", &redis, &[]);
+    svc.wait_ready();
+    let addr = svc.addr();
+    let seeds: [&[u8]; 4] = [
+        b"GET /order?userId=u&productId=p&price=1 HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Length: 47\r\n\r\n{\"userId\":\"u\",\"productId\":\"p\",\"price\":\"1\"}",
+        b"POST /orders HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\n0\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    ];
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: if std::env::var_os("PROPTEST_CASES").is_some() {
+            config().cases
+        } else {
+            64
+        },
+        ..config()
+    });
+    let request = (
+        0..seeds.len(),
+        proptest::collection::vec((any::<usize>(), any::<u8>(), 0u8..3), 0..8),
+        proptest::collection::vec(any::<u8>(), 0..32),
+    );
+    runner
+        .run(&request, |(seed, edits, tail)| {
+            // Mutate a well-formed request: replace, insert or drop bytes.
+            let mut raw = seeds[seed].to_vec();
+            for (at, byte, op) in edits {
+                let at = at % (raw.len() + 1);
+                match op {
+                    0 if at < raw.len() => raw[at] = byte,
+                    1 => raw.insert(at, byte),
+                    _ if at < raw.len() => {
+                        raw.remove(at);
+                    }
+                    _ => {}
+                }
+            }
+            raw.extend_from_slice(&tail);
+            let mut s = TcpStream::connect(addr).expect("connect");
+            s.set_read_timeout(Some(Duration::from_millis(300))).ok();
+            let _ = s.write_all(&raw);
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            let mut answer = Vec::new();
+            let _ = s.read_to_end(&mut answer);
+            Ok(())
+        })
+        .unwrap_or_else(|e| svc.fail(format!("property failed: {e}")));
+    let running = svc.is_running();
+    svc.check(running, || {
+        "order-service died under random requests".into()
+    });
+    svc.expect_status(&svc.get("/healthz"), 200);
+    svc.expect_status(&svc.get("/order?userId=after&productId=p&price=1"), 200);
+    let mut conn = redis.conn();
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg("order-events")
+        .arg("-")
+        .arg("+")
+        .query(&mut conn)
+        .expect("XRANGE");
+    for (id, fields) in entries {
+        let get = |k: &str| {
+            fields
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        svc.check(
+            Order::new(get("userId"), get("productId"), get("price")).is_ok(),
+            || format!("an invalid order was written: {id} {fields:?}"),
+        );
     }
 }

@@ -534,13 +534,15 @@ fn each_acl_user_is_refused_what_is_not_its_job() {
 
 /// How many connections the attack holds open: more than the server's
 /// connection limit, so a server that spends a thread per connection
-/// without limit (tiny_http did: 275 threads for 300) fails the bound.
+/// without limit (unpatched tiny_http did: 275 threads for 300) fails the
+/// bound, and one that refuses new connections when full fails the fresh
+/// orders.
 const HALF_OPEN: usize = 2 * MAX_CONNECTIONS + 88;
 /// The bound on order-service's threads under attack: a thread per
 /// connection up to MAX_CONNECTIONS, at most 16 more of evicted
-/// connections still exiting (the acceptor waits past that), and about a
+/// connections still exiting (the acceptor refuses past that), and about a
 /// dozen of its own (main, signals, acceptor, four HTTP workers, two order
-/// writers, trimming...), with room to spare.
+/// writers, trimming, watchdog...), with room to spare.
 const MAX_THREADS: u64 = MAX_CONNECTIONS as u64 + 16 + 24;
 /// The bound on how much RSS the attack may add: at most ~80 KiB of buffers
 /// per connection, and these send only a partial head.
@@ -718,9 +720,13 @@ fn oversized_heads_and_bodies_are_refused_before_being_read() {
     let answer = exchange(addr, head_only.as_bytes(), quick);
     assert_eq!(status_of(&answer), Some(413), "10 MiB declared: {answer:?}");
 
-    let huge_chunk =
-        "POST /orders HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n100000\r\n";
-    let answer = exchange(addr, huge_chunk.as_bytes(), quick);
+    // A chunk announced at 1 MiB: refused once 64 KiB + 1 of it arrived,
+    // without reading (or holding) the rest.
+    let mut huge_chunk =
+        b"POST /orders HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n100000\r\n"
+            .to_vec();
+    huge_chunk.resize(huge_chunk.len() + 64 * 1024 + 1, b' ');
+    let answer = exchange(addr, &huge_chunk, quick);
     assert_eq!(
         status_of(&answer),
         Some(413),
