@@ -169,6 +169,21 @@ impl std::error::Error for ConfigError {}
 
 /// Parses the command line (without the program name) and the environment,
 /// read through `env`, for `service`.
+///
+/// ```
+/// use streamline::config::{parse, Command, Service};
+///
+/// let env = |var: &str| (var == "REDIS_URL").then(|| "redis://10.0.0.5:6379".to_string());
+/// let Ok(Command::Run(config)) = parse(Service::Payment, ["--max-deliveries=3".to_string()], env) else {
+///     panic!("a valid configuration");
+/// };
+/// assert_eq!(config.redis_url, "redis://10.0.0.5:6379");
+/// assert_eq!(config.max_deliveries, 3);
+/// assert_eq!(config.http_addr.to_string(), "127.0.0.1:8081");
+///
+/// let bad = parse(Service::Order, Vec::<String>::new(), |v| (v == "HTTP_ADDR").then(|| "nope".into()));
+/// assert!(bad.unwrap_err().to_string().contains("HTTP_ADDR"));
+/// ```
 pub fn parse(
     service: Service,
     args: impl IntoIterator<Item = String>,

@@ -205,6 +205,12 @@ pub struct NotUtf8(pub String);
 
 /// Parses the query string of `url` (`+` is a space, `%XX` a byte). The
 /// first occurrence of a name wins.
+///
+/// ```
+/// let q = streamline::http::query("/order?userId=u%201&price=100").unwrap();
+/// assert_eq!(q["userId"], "u 1");
+/// assert!(streamline::http::query("/order?userId=%FF").is_err());
+/// ```
 pub fn query(url: &str) -> Result<HashMap<String, String>, NotUtf8> {
     let mut out = HashMap::new();
     let Some((_, q)) = url.split_once('?') else {

@@ -115,6 +115,16 @@ pub struct Order {
 
 impl Order {
     /// Checks all three fields; the first problem found is returned.
+    ///
+    /// ```
+    /// use streamline::record::Order;
+    ///
+    /// let order = Order::new("u1".into(), "p1".into(), "12.50".into()).unwrap();
+    /// assert_eq!(order.fields()[2], ("price", "12.50"));
+    ///
+    /// let refused = Order::new("u1".into(), "p1".into(), "-1".into()).unwrap_err();
+    /// assert!(refused.to_string().starts_with("price must be a non-negative decimal"));
+    /// ```
     pub fn new(user_id: String, product_id: String, price: String) -> Result<Order, FieldError> {
         check_text("userId", &user_id)?;
         check_text("productId", &product_id)?;

@@ -66,6 +66,13 @@ pub fn groups_of(stream: &str) -> &'static [&'static str] {
 }
 
 /// The dead-letter stream of `stream`: `<stream>:dlq`.
+///
+/// ```
+/// use streamline::topology::{dlq_stream, groups_of, ORDER_EVENTS};
+///
+/// assert_eq!(dlq_stream(ORDER_EVENTS), "order-events:dlq");
+/// assert_eq!(groups_of(ORDER_EVENTS), ["payment-service-group", "notification-service-group"]);
+/// ```
 pub fn dlq_stream(stream: &str) -> String {
     format!("{stream}:dlq")
 }
