@@ -15,7 +15,9 @@ mod order_http;
 mod consumers;
 mod faults;
 
-// systemd integration: the units, journald log lines, the notify protocol.
+// Operating it: metrics, systemd (units, journald log lines, the notify
+// protocol), the streamctl admin CLI.
+mod metrics;
 mod notify_protocol;
 mod streamctl;
 mod systemd;

@@ -356,12 +356,17 @@ impl Iterator for ClientConnection {
                 Err(e @ (ReadError::HeadTooLarge | ReadError::BodyTooLarge)) => {
                     // streamline patch: 431 or 413, then close (the rest is
                     // not read, so the next request's start is lost).
-                    let status = match e {
-                        ReadError::HeadTooLarge => 431,
-                        _ => 413,
+                    let (status, error) = match e {
+                        ReadError::HeadTooLarge => (431, "request head too large"),
+                        _ => (413, "request body too large"),
                     };
                     let mut writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(status));
+                    let json = "Content-Type: application/json".parse::<crate::Header>();
+                    let mut response = Response::from_string(format!("{{\"error\":\"{}\"}}", error))
+                        .with_status_code(StatusCode(status));
+                    if let Ok(header) = json {
+                        response.add_header(header);
+                    }
                     response
                         .raw_print(&mut writer, HTTPVersion(1, 1), &[], false, None)
                         .ok();
