@@ -9,18 +9,26 @@ cd "$(dirname "$0")/.."
 REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 export RUST_LOG="${RUST_LOG:-info}"
 pids=()
+redis_pid=""
 workdir=""
 
 cleanup() {
   trap - INT TERM EXIT
   echo
   echo "stopping..."
+  # The services first, so they finish and acknowledge their work while
+  # Redis is still there; then our private Redis, if we started one.
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [ -n "$redis_pid" ]; then
+    kill -TERM "$redis_pid" 2>/dev/null || true
+    wait "$redis_pid" 2>/dev/null || true
+  fi
   if [ -n "$workdir" ]; then rm -rf "$workdir"; fi
   echo "stopped"
 }
-trap cleanup INT TERM EXIT
+trap 'cleanup; exit 130' INT TERM
+trap cleanup EXIT
 
 need_redis_server() {
   command -v redis-server >/dev/null 2>&1 && return 0
@@ -51,17 +59,20 @@ else
   need_redis_server
   workdir="$(mktemp -d)"
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null || echo 16379)
-  redis-server --port "$port" --bind 127.0.0.1 --dir "$workdir" --save "" --appendonly yes \
+  setsid redis-server --port "$port" --bind 127.0.0.1 --dir "$workdir" --save "" --appendonly yes \
     --logfile "$workdir/redis.log" &
-  pids+=($!)
+  redis_pid=$!
   REDIS_URL="redis://127.0.0.1:$port"
   for _ in $(seq 100); do redis_answers "$REDIS_URL" && break; sleep 0.05; done
   echo "no Redis answered; started a private redis-server at $REDIS_URL (data in $workdir, removed on exit)"
 fi
 export REDIS_URL
 
+# Each child in its own session: Ctrl-C reaches only this script, which
+# then sends each child one SIGTERM (a second signal would make a service
+# exit at once instead of finishing its work).
 for svc in order-service payment-service notification-service; do
-  ./target/release/$svc &
+  setsid ./target/release/$svc &
   pids+=($!)
 done
 
@@ -86,4 +97,4 @@ Try:
 
 MSG
 wait -n "${pids[@]}" || true
-echo "a process exited; stopping the rest"
+echo "a service exited; stopping the rest"
