@@ -10,10 +10,12 @@ use std::time::Duration;
 
 use crossbeam_channel::Receiver;
 
+use crate::config::Config;
 use crate::connection::{self, ConnectError, Link, Redis};
+use crate::consumer::{self, Handler, Settings, Subscription};
 use crate::http::{BindError, HttpServer};
 use crate::metrics::GroupGauge;
-use crate::{notify, topology};
+use crate::{notify, topology, trim};
 
 /// Why a service could not run. `Display` is one line an operator can act on.
 #[derive(Debug)]
@@ -145,4 +147,70 @@ pub fn join_all(threads: Vec<std::thread::JoinHandle<()>>) {
             log::error!("thread {name} panicked");
         }
     }
+}
+
+/// What a consumer service reads, what it does with it, and what it trims.
+pub struct Consumer {
+    /// The streams and groups it reads.
+    pub subscriptions: &'static [Subscription],
+    /// What it does with each batch.
+    pub handler: Arc<dyn Handler>,
+    /// The stream it writes and so keeps trimmed, if any.
+    pub trims: Option<&'static str>,
+    /// For `systemctl status`: "paying orders", "notifying".
+    pub doing: &'static str,
+}
+
+/// Runs a consumer service until `shutdown` fires: its small HTTP
+/// listener, the topology's groups, the readers and handlers, trimming,
+/// the watchdog; then a clean stop with everything in hand acknowledged.
+pub fn run_consumer(
+    config: &Config,
+    shutdown: Receiver<()>,
+    consumer: Consumer,
+) -> Result<(), ServiceError> {
+    let redis = Redis::new(config)?;
+    let server = HttpServer::bind(config.http_addr)?;
+    let probe = Probe::new(&redis);
+    let mut threads = spawn_ops_http(&server, &probe, &shutdown)?;
+    if !probe.ensure_topology(&shutdown) {
+        notify::stopping();
+        join_all(threads);
+        return Ok(());
+    }
+    let beats = notify::Heartbeats::new();
+    let settings = Settings::from_config(config);
+    threads.extend(consumer::start(
+        &redis,
+        consumer.subscriptions,
+        consumer.handler,
+        &settings,
+        &shutdown,
+        &beats,
+    )?);
+    if let (Some(stream), Some(interval)) = (consumer.trims, config.trim_interval) {
+        threads.push(trim::spawn(
+            redis.clone(),
+            stream,
+            config.retain_entries,
+            interval,
+            &shutdown,
+        )?);
+    }
+    let watchdog = notify::spawn_watchdog(beats, shutdown.clone());
+    log::info!(
+        "{} running as {} (http://{})",
+        config.service.name(),
+        settings.consumer,
+        server.addr()
+    );
+    notify::ready();
+    notify::status(&format!("{} as {}", consumer.doing, settings.consumer));
+    let _ = shutdown.recv();
+    notify::stopping();
+    log::info!("stopping: finishing and acknowledging the entries in hand");
+    join_all(threads);
+    join_all(watchdog.into_iter().collect());
+    log::info!("stopped");
+    Ok(())
 }

@@ -16,12 +16,9 @@ use crossbeam_channel::Receiver;
 use redis::{Connection, RedisError};
 use serde_json::{json, Value as Json};
 
-use super::{join_all, spawn_ops_http, Probe, ServiceError};
+use super::{run_consumer, Consumer, ServiceError};
 use crate::config::Config;
-use crate::connection::Redis;
-use crate::consumer::{self, Delivery, Failure, Handler, Outcome, Settings, Subscription};
-use crate::http::HttpServer;
-use crate::notify::{self, Heartbeats};
+use crate::consumer::{Delivery, Failure, Handler, Outcome, Subscription};
 use crate::record::{Order, Payment};
 use crate::topology::{NOTIFICATION_GROUP, ORDER_EVENTS, PAYMENT_EVENTS};
 
@@ -108,47 +105,23 @@ impl Handler for Notifications {
 
 /// Runs notification-service until `shutdown` fires.
 pub fn run(config: &Config, shutdown: Receiver<()>) -> Result<(), ServiceError> {
-    let redis = Redis::new(config)?;
-    let server = HttpServer::bind(config.http_addr)?;
-    let probe = Probe::new(&redis);
-    let mut threads = spawn_ops_http(&server, &probe, &shutdown)?;
-    if !probe.ensure_topology(&shutdown) {
-        notify::stopping();
-        join_all(threads);
-        return Ok(());
-    }
-    let beats = Heartbeats::new();
-    let subs = [
-        Subscription {
-            stream: ORDER_EVENTS,
-            group: NOTIFICATION_GROUP,
-        },
-        Subscription {
-            stream: PAYMENT_EVENTS,
-            group: NOTIFICATION_GROUP,
-        },
-    ];
-    let settings = Settings::from_config(config);
-    let handler = Arc::new(Notifications::new(
-        config.webhook_url.clone(),
-        config.webhook_timeout,
-    ));
-    threads.extend(consumer::start(
-        &redis, &subs, handler, &settings, &shutdown, &beats,
-    )?);
-    let watchdog = notify::spawn_watchdog(beats, shutdown.clone());
-    log::info!(
-        "notification-service running as {} (http://{})",
-        settings.consumer,
-        server.addr()
-    );
-    notify::ready();
-    notify::status(&format!("notifying as {}", settings.consumer));
-    let _ = shutdown.recv();
-    notify::stopping();
-    log::info!("stopping: finishing and acknowledging the entries in hand");
-    join_all(threads);
-    join_all(watchdog.into_iter().collect());
-    log::info!("stopped");
-    Ok(())
+    let consumer = Consumer {
+        subscriptions: &[
+            Subscription {
+                stream: ORDER_EVENTS,
+                group: NOTIFICATION_GROUP,
+            },
+            Subscription {
+                stream: PAYMENT_EVENTS,
+                group: NOTIFICATION_GROUP,
+            },
+        ],
+        handler: Arc::new(Notifications::new(
+            config.webhook_url.clone(),
+            config.webhook_timeout,
+        )),
+        trims: None,
+        doing: "notifying",
+    };
+    run_consumer(config, shutdown, consumer)
 }

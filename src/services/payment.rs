@@ -20,15 +20,11 @@ use std::sync::Arc;
 use crossbeam_channel::Receiver;
 use redis::{Connection, RedisError, Script, Value};
 
-use super::{join_all, spawn_ops_http, Probe, ServiceError};
+use super::{run_consumer, Consumer, ServiceError};
 use crate::config::Config;
-use crate::connection::Redis;
-use crate::consumer::{self, Delivery, Failure, Handler, Outcome, Settings, Subscription};
-use crate::http::HttpServer;
-use crate::notify::{self, Heartbeats};
+use crate::consumer::{Delivery, Failure, Handler, Outcome, Subscription};
 use crate::record::Order;
 use crate::topology::{ORDER_EVENTS, PAYMENT_EVENTS, PAYMENT_GROUP};
-use crate::trim;
 
 /// The counter `paymentProcessId`s are drawn from.
 pub const SEQUENCE_KEY: &str = "payment-service:payment-process-id";
@@ -122,51 +118,14 @@ impl Handler for Payments {
 
 /// Runs payment-service until `shutdown` fires.
 pub fn run(config: &Config, shutdown: Receiver<()>) -> Result<(), ServiceError> {
-    let redis = Redis::new(config)?;
-    let server = HttpServer::bind(config.http_addr)?;
-    let probe = Probe::new(&redis);
-    let mut threads = spawn_ops_http(&server, &probe, &shutdown)?;
-    if !probe.ensure_topology(&shutdown) {
-        notify::stopping();
-        join_all(threads);
-        return Ok(());
-    }
-    let beats = Heartbeats::new();
-    let subs = [Subscription {
-        stream: ORDER_EVENTS,
-        group: PAYMENT_GROUP,
-    }];
-    let settings = Settings::from_config(config);
-    threads.extend(consumer::start(
-        &redis,
-        &subs,
-        Arc::new(Payments::default()),
-        &settings,
-        &shutdown,
-        &beats,
-    )?);
-    if let Some(interval) = config.trim_interval {
-        threads.push(trim::spawn(
-            redis.clone(),
-            PAYMENT_EVENTS,
-            config.retain_entries,
-            interval,
-            &shutdown,
-        )?);
-    }
-    let watchdog = notify::spawn_watchdog(beats, shutdown.clone());
-    log::info!(
-        "payment-service running as {} (http://{})",
-        settings.consumer,
-        server.addr()
-    );
-    notify::ready();
-    notify::status(&format!("paying orders as {}", settings.consumer));
-    let _ = shutdown.recv();
-    notify::stopping();
-    log::info!("stopping: finishing and acknowledging the entries in hand");
-    join_all(threads);
-    join_all(watchdog.into_iter().collect());
-    log::info!("stopped");
-    Ok(())
+    let consumer = Consumer {
+        subscriptions: &[Subscription {
+            stream: ORDER_EVENTS,
+            group: PAYMENT_GROUP,
+        }],
+        handler: Arc::new(Payments::default()),
+        trims: Some(PAYMENT_EVENTS),
+        doing: "paying orders",
+    };
+    run_consumer(config, shutdown, consumer)
 }
