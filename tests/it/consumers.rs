@@ -17,34 +17,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::support::flow::{
-    drained, group, http_orders, pending, pending_of, start_ready, unread, xadd_orders,
-    xadd_orders_range, xadd_raw, xlen, xrange, Ledger, Metrics, Notified, ALL_GROUPS,
+    drained, env, group, http_orders, ms, pending, pending_of, start_ready, unread, xadd_orders,
+    xadd_orders_range, xadd_raw, xlen, xrange, Ledger, Metrics, Notified, ALL_GROUPS, DEADLINE,
     NOTIFICATION_GROUP, ORDER_DLQ, ORDER_EVENTS, PAYMENT_EVENTS, PAYMENT_GROUP,
 };
 use crate::support::{wait_until, RedisServer, Service, WebhookSink};
-
-/// Room for a slow, shared CI machine; the figures printed say how long
-/// things really took.
-const DEADLINE: Duration = Duration::from_secs(60);
-
-/// The consumer settings every test uses unless it says otherwise: short
-/// blocking reads (a prompt shutdown), claims after 1 s, no trimming.
-const QUICK: [(&str, &str); 3] = [
-    ("BLOCK_MS", "200"),
-    ("CLAIM_IDLE_MS", "1000"),
-    ("TRIM_INTERVAL_MS", "0"),
-];
-
-/// [`QUICK`], then `extra` (which wins).
-fn env<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
-    let mut all: Vec<(&str, &str)> = QUICK.to_vec();
-    all.extend_from_slice(extra);
-    all
-}
-
-fn ms(d: Duration) -> u128 {
-    d.as_millis()
-}
 
 /// Waits until every group of the topology has nothing unread and nothing
 /// pending, and `payment-events` holds `payments` entries.

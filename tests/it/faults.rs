@@ -10,34 +10,12 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use crate::support::flow::{
-    drained, group, groups, pending, pending_entries, pending_of, readyz, start_ready, unread,
-    xadd_orders_atomic, xadd_orders_range, xadd_raw, xlen, xrange, Feeder, Ledger, Load, Metrics,
-    Notified, RawEntry, ALL_GROUPS, NOTIFICATION_GROUP, ORDER_DLQ, ORDER_EVENTS, PAYMENT_DLQ,
-    PAYMENT_EVENTS, PAYMENT_GROUP,
+    drained, env, group, groups, ms, pending, pending_entries, pending_of, readyz, start_ready,
+    unread, xadd_orders_atomic, xadd_orders_range, xadd_raw, xlen, xrange, Feeder, Ledger, Load,
+    Metrics, Notified, RawEntry, ALL_GROUPS, DEADLINE, NOTIFICATION_GROUP, ORDER_DLQ, ORDER_EVENTS,
+    PAYMENT_DLQ, PAYMENT_EVENTS, PAYMENT_GROUP,
 };
 use crate::support::{wait_until, RedisServer, Service, WebhookSink};
-
-/// Room for a slow, shared CI machine; the figures printed say how long
-/// things really took.
-const DEADLINE: Duration = Duration::from_secs(60);
-
-/// Short blocking reads, claims after 1 s, no trimming.
-const QUICK: [(&str, &str); 3] = [
-    ("BLOCK_MS", "200"),
-    ("CLAIM_IDLE_MS", "1000"),
-    ("TRIM_INTERVAL_MS", "0"),
-];
-
-/// [`QUICK`], then `extra` (which wins).
-fn env<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
-    let mut all: Vec<(&str, &str)> = QUICK.to_vec();
-    all.extend_from_slice(extra);
-    all
-}
-
-fn ms(d: Duration) -> u128 {
-    d.as_millis()
-}
 
 fn all_drained(conn: &mut redis::Connection) -> bool {
     ALL_GROUPS.iter().all(|(s, g)| drained(conn, s, g))

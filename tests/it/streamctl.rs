@@ -7,8 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::TcpListener;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use redis::Connection;
 use serde_json::Value;
@@ -16,7 +15,7 @@ use serde_json::Value;
 use streamline::dlq::{self, DeadLetter, META_FIELDS};
 use streamline::record::Fields;
 
-use crate::support::{indent, read_lossy, wait_until, RedisServer, Service, TempDir};
+use crate::support::{indent, wait_until, RedisServer, Service};
 
 const ORDER_EVENTS: &str = "order-events";
 const ORDER_DLQ: &str = "order-events:dlq";
@@ -86,54 +85,13 @@ fn streamctl(url: &str, args: &[&str]) -> Run {
 /// Runs `streamctl ARGS...` with exactly `env` (plus `PATH`); kills it and
 /// panics with its output if it is still running after [`RUN_DEADLINE`].
 fn streamctl_env(env: &[(&str, &str)], args: &[&str]) -> Run {
-    let command = format!(
-        "{} streamctl {}",
-        env.iter()
-            .map(|(k, v)| format!("{k}={v:?}"))
-            .collect::<Vec<_>>()
-            .join(" "),
-        args.join(" ")
-    );
-    let dir = TempDir::new("streamctl");
-    let (out_path, err_path) = (dir.join("stdout"), dir.join("stderr"));
-    let file = |p: &std::path::Path| {
-        std::fs::File::create(p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()))
-    };
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_streamctl"));
-    cmd.env_clear();
-    if let Some(path) = std::env::var_os("PATH") {
-        cmd.env("PATH", path);
-    }
-    let start = Instant::now();
-    let mut child = cmd
-        .envs(env.iter().copied())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(file(&out_path))
-        .stderr(file(&err_path))
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {command}: {e}"));
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait on streamctl") {
-            break status;
-        }
-        if start.elapsed() > RUN_DEADLINE {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{command}\nstill running after {RUN_DEADLINE:?}, killed\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                indent(&read_lossy(&out_path)),
-                indent(&read_lossy(&err_path))
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let done = crate::support::run_to_exit("streamctl", env, args, RUN_DEADLINE);
     Run {
-        command,
-        code: status.code(),
-        elapsed: start.elapsed(),
-        stdout: read_lossy(&out_path),
-        stderr: read_lossy(&err_path),
+        command: done.command,
+        code: done.status.code(),
+        stdout: done.stdout,
+        stderr: done.stderr,
+        elapsed: done.elapsed,
     }
 }
 

@@ -850,3 +850,28 @@ impl Drop for Load {
 pub fn readyz(svc: &Service) -> u16 {
     super::request("GET", &svc.url("/readyz"), &[], None).map_or(0, |r| r.status)
 }
+
+/// Room for a slow, shared CI machine; the figures tests print say how long
+/// things really took.
+pub const DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The consumer settings the end-to-end tests use unless they say
+/// otherwise: short blocking reads (a prompt shutdown), claims after 1 s,
+/// no trimming.
+pub const QUICK: [(&str, &str); 3] = [
+    ("BLOCK_MS", "200"),
+    ("CLAIM_IDLE_MS", "1000"),
+    ("TRIM_INTERVAL_MS", "0"),
+];
+
+/// [`QUICK`], then `extra` (which wins).
+pub fn env<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut all: Vec<(&str, &str)> = QUICK.to_vec();
+    all.extend_from_slice(extra);
+    all
+}
+
+/// Milliseconds, for the figures tests print.
+pub fn ms(d: std::time::Duration) -> u128 {
+    d.as_millis()
+}

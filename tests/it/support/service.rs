@@ -27,6 +27,7 @@ pub fn bin(name: &str) -> PathBuf {
         "order-service" => option_env!("CARGO_BIN_EXE_order-service"),
         "payment-service" => option_env!("CARGO_BIN_EXE_payment-service"),
         "notification-service" => option_env!("CARGO_BIN_EXE_notification-service"),
+        "streamctl" => option_env!("CARGO_BIN_EXE_streamctl"),
         other => panic!("unknown service binary {other:?}"),
     };
     PathBuf::from(
