@@ -38,6 +38,8 @@ use crossbeam_channel::Receiver;
 use serde_json::json;
 use tiny_http::{Header, Request, Response, Server, StatusCode};
 
+use crate::notify::{Heartbeat, Heartbeats};
+
 pub use tiny_http::{HEAD_DEADLINE, MAX_CONNECTIONS};
 
 /// Longest wait for one read or write on a connection.
@@ -99,12 +101,14 @@ impl HttpServer {
     }
 
     /// Starts `workers` threads named `<name>-N` that answer requests with
-    /// `handle`. They stop when `shutdown` fires.
+    /// `handle`, each with a heartbeat in `beats` (it beats at least every
+    /// 200 ms while idle). They stop when `shutdown` fires.
     pub fn spawn_workers<H>(
         self: &Arc<Self>,
         name: &str,
         workers: usize,
         shutdown: &Receiver<()>,
+        beats: &Heartbeats,
         handle: H,
     ) -> std::io::Result<Vec<JoinHandle<()>>>
     where
@@ -114,15 +118,22 @@ impl HttpServer {
         (1..=workers)
             .map(|i| {
                 let (me, handle, shutdown) = (self.clone(), handle.clone(), shutdown.clone());
+                let beat = beats.register(&format!("{name}-{i}"));
                 std::thread::Builder::new()
                     .name(format!("{name}-{i}"))
-                    .spawn(move || me.work(&shutdown, &*handle))
+                    .spawn(move || me.work(&shutdown, &beat, &*handle))
             })
             .collect()
     }
 
-    fn work(&self, shutdown: &Receiver<()>, handle: &(dyn Fn(Request) + Send + Sync)) {
+    fn work(
+        &self,
+        shutdown: &Receiver<()>,
+        beat: &Heartbeat,
+        handle: &(dyn Fn(Request) + Send + Sync),
+    ) {
         while !crate::shutdown::is_started(shutdown) {
+            beat.beat();
             match self.server.recv_timeout(Duration::from_millis(200)) {
                 Ok(Some(request)) => handle(request),
                 Ok(None) => {}

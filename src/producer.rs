@@ -1,35 +1,40 @@
 //! Group commit of orders into `order-events`.
 //!
-//! HTTP workers validate an order and hand it, with its request, to a queue.
-//! A few writer threads, each with its own Redis connection, take whatever
-//! has queued up (up to [`MAX_BATCH`]), write it as one pipelined batch of
-//! `XADD`s — one round trip however many orders — and answer every request
-//! with its own entry ID. A request waits only for the batch it is in; a
-//! failed batch fails only its own requests, with `503`.
+//! An HTTP worker validates an order and queues it with its request. If no
+//! write is in flight, that worker becomes a writer on the spot: it takes
+//! whatever has queued up (up to [`MAX_BATCH`]), writes it as one pipelined
+//! batch of `XADD`s (one round trip however many orders), answers every
+//! request with its own entry ID, and goes on while orders keep queueing;
+//! then it returns to HTTP. While a write is in flight, new orders just
+//! queue and ride the next batch. At most as many writers as there are
+//! Redis connections ([`Producer::new`]'s `writers`) run at once.
+//!
+//! Writing on the worker, not on a writer thread of its own, saves a thread
+//! hand-off per order, the largest cost on a small host (see
+//! `BENCHMARKS.md`). A request waits only for the batch it is in; a failed
+//! batch fails only its own requests, with `503`; an order not written
+//! within the request timeout is answered `503`.
 //!
 //! `XADD ... NOMKSTREAM` never creates the stream: if it is gone (`FLUSHALL`,
 //! Redis restarted empty) the writer recreates the topology's groups first
 //! and writes again, so no order is ever written where a group cannot see it.
 
-use std::thread::JoinHandle;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use redis::Value;
 use serde_json::json;
 use tiny_http::Request;
 
 use crate::connection::{Link, Redis};
 use crate::http;
-use crate::notify::{Heartbeat, Heartbeats};
 use crate::record::Order;
 use crate::topology::{self, ORDER_EVENTS};
 
 /// Most orders written in one round trip.
 pub const MAX_BATCH: usize = 256;
-/// Orders that may wait for a writer; past this, `503` at once. The queue
-/// holds boxes: a bounded channel allocates (and touches) every slot up
-/// front, and a `Job` with its request is some 400 bytes.
+/// Orders that may wait for a writer; past this, `503` at once.
 const QUEUE: usize = 4096;
 
 /// An accepted order waiting to be written, and the request to answer.
@@ -41,95 +46,99 @@ struct Job {
     deadline: Instant,
 }
 
-/// The handle HTTP workers submit orders through. Dropping every clone
-/// lets the writers finish the queue and exit.
+/// The queue, and the Redis links no writer holds right now. A worker
+/// becomes a writer by taking a link, and stops being one by putting it
+/// back, both under this lock: so whenever orders are queued, a writer is
+/// at work or about to see them.
+struct State {
+    jobs: VecDeque<Job>,
+    idle_links: Vec<Link>,
+}
+
+/// The handle HTTP workers submit orders through.
 #[derive(Clone)]
 pub struct Producer {
-    jobs: Sender<Box<Job>>,
+    state: Arc<Mutex<State>>,
     timeout: Duration,
 }
 
 impl Producer {
-    /// Starts `writers` writer threads. An order not written within
-    /// `timeout` is answered `503`.
-    pub fn spawn(
-        redis: &Redis,
-        writers: usize,
-        timeout: Duration,
-        beats: &Heartbeats,
-    ) -> std::io::Result<(Producer, Vec<JoinHandle<()>>)> {
-        let (tx, rx) = crossbeam_channel::bounded(QUEUE);
-        let mut threads = Vec::with_capacity(writers);
-        for i in 1..=writers {
-            let rx = rx.clone();
-            // Half the timeout per round trip: a batch stuck on a paused
-            // Redis fails in time for the orders queued behind it to be
-            // answered within the timeout too.
-            let link = Link::new(
-                redis.clone(),
-                (timeout / 2).max(Duration::from_millis(50)),
-                topology::ensure_groups,
-            );
-            let beat = beats.register(&format!("writer-{i}"));
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("writer-{i}"))
-                    .spawn(move || write_loop(link, &rx, &beat))?,
-            );
+    /// A producer with `writers` Redis connections (so at most that many
+    /// batches in flight). An order not written within `timeout` is
+    /// answered `503`.
+    pub fn new(redis: &Redis, writers: usize, timeout: Duration) -> Producer {
+        // Half the timeout per round trip: a batch stuck on a paused Redis
+        // fails in time for the orders queued behind it to be answered
+        // within the timeout too.
+        let read_timeout = (timeout / 2).max(Duration::from_millis(50));
+        let idle_links = (0..writers.max(1))
+            .map(|_| Link::new(redis.clone(), read_timeout, topology::ensure_groups))
+            .collect();
+        let state = State {
+            jobs: VecDeque::with_capacity(64),
+            idle_links,
+        };
+        Producer {
+            state: Arc::new(Mutex::new(state)),
+            timeout,
         }
-        Ok((Producer { jobs: tx, timeout }, threads))
     }
 
-    /// Queues `order`; the writer answers `request` with `status` and the
-    /// entry ID, or `503`.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `order`; its request is answered with `status` and the entry
+    /// ID, or `503`. Returns once the order is queued, or after writing it
+    /// (and whatever queued meanwhile) if no write was in flight.
     pub fn submit(&self, order: Order, request: Request, status: u16) {
-        let job = Box::new(Job {
+        let job = Job {
             order,
             request,
             status,
             deadline: Instant::now() + self.timeout,
-        });
-        match self.jobs.try_send(job) {
-            Ok(()) => {}
-            Err(TrySendError::Full(job)) => http::respond(
-                job.request,
-                http::error(503, "too many orders waiting for Redis; retry later"),
-            ),
-            Err(TrySendError::Disconnected(job)) => {
-                http::respond(job.request, http::error(503, "shutting down"))
+        };
+        let link = {
+            let mut state = self.lock();
+            if state.jobs.len() >= QUEUE {
+                drop(state);
+                return http::respond(
+                    job.request,
+                    http::error(503, "too many orders waiting for Redis; retry later"),
+                );
             }
+            state.jobs.push_back(job);
+            state.idle_links.pop()
+        };
+        if let Some(link) = link {
+            self.write_while_queued(link);
         }
     }
-}
 
-fn write_loop(mut link: Link, jobs: &Receiver<Box<Job>>, beat: &Heartbeat) {
-    loop {
-        beat.beat();
-        let first = match jobs.recv_timeout(Duration::from_secs(1)) {
-            Ok(job) => job,
-            Err(RecvTimeoutError::Timeout) => continue,
-            // Every Producer is dropped and the queue is empty.
-            Err(RecvTimeoutError::Disconnected) => break,
-        };
-        let mut batch = Vec::with_capacity(16);
-        batch.push(*first);
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(*job),
-                Err(_) => break,
+    /// Writes batches until the queue is empty, then gives `link` back.
+    fn write_while_queued(&self, mut link: Link) {
+        loop {
+            let batch: Vec<Job> = {
+                let mut state = self.lock();
+                if state.jobs.is_empty() {
+                    state.idle_links.push(link);
+                    return;
+                }
+                let n = state.jobs.len().min(MAX_BATCH);
+                state.jobs.drain(..n).collect()
+            };
+            let now = Instant::now();
+            let (live, expired): (Vec<Job>, Vec<Job>) =
+                batch.into_iter().partition(|j| j.deadline > now);
+            for job in expired {
+                http::respond(
+                    job.request,
+                    http::error(503, "Redis did not answer within the request timeout"),
+                );
             }
-        }
-        let now = Instant::now();
-        let (live, expired): (Vec<Job>, Vec<Job>) =
-            batch.into_iter().partition(|j| j.deadline > now);
-        for job in expired {
-            http::respond(
-                job.request,
-                http::error(503, "Redis did not answer within the request timeout"),
-            );
-        }
-        if !live.is_empty() {
-            write_batch(&mut link, live);
+            if !live.is_empty() {
+                write_batch(&mut link, live);
+            }
         }
     }
 }

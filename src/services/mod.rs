@@ -128,9 +128,10 @@ pub fn spawn_ops_http(
     server: &Arc<HttpServer>,
     probe: &Probe,
     shutdown: &Receiver<()>,
+    beats: &notify::Heartbeats,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
     let (ready, metrics) = (probe.clone(), probe.clone());
-    server.spawn_workers("http", 2, shutdown, move |request| {
+    server.spawn_workers("http", 2, shutdown, beats, move |request| {
         if let Some(request) =
             crate::http::ops_route(request, || ready.ready(), || metrics.metrics())
         {
@@ -172,13 +173,13 @@ pub fn run_consumer(
     let redis = Redis::new(config)?;
     let server = HttpServer::bind(config.http_addr)?;
     let probe = Probe::new(&redis);
-    let mut threads = spawn_ops_http(&server, &probe, &shutdown)?;
+    let beats = notify::Heartbeats::new();
+    let mut threads = spawn_ops_http(&server, &probe, &shutdown, &beats)?;
     if !probe.ensure_topology(&shutdown) {
         notify::stopping();
         join_all(threads);
         return Ok(());
     }
-    let beats = notify::Heartbeats::new();
     let settings = Settings::from_config(config);
     threads.extend(consumer::start(
         &redis,

@@ -26,12 +26,19 @@ pub fn run(config: &Config, shutdown: Receiver<()>) -> Result<(), ServiceError> 
     log::info!("order-service listening on http://{}", server.addr());
     let probe = Probe::new(&redis);
     let beats = notify::Heartbeats::new();
-    let (producer, writers) = Producer::spawn(&redis, 2, config.request_timeout, &beats)?;
-    let watchdog = notify::spawn_watchdog(beats, shutdown.clone());
+    let producer = Producer::new(&redis, 2, config.request_timeout);
 
     // Orders are answered 503 until the groups exist; the writers create
     // them too, so this only decides when to tell systemd we are ready.
-    let mut threads = spawn_http(&server, &probe, producer, config.http_workers, &shutdown)?;
+    let mut threads = spawn_http(
+        &server,
+        &probe,
+        producer,
+        config.http_workers,
+        &shutdown,
+        &beats,
+    )?;
+    let watchdog = notify::spawn_watchdog(beats, shutdown.clone());
     if let Some(interval) = config.trim_interval {
         threads.push(trim::spawn(
             redis.clone(),
@@ -49,7 +56,6 @@ pub fn run(config: &Config, shutdown: Receiver<()>) -> Result<(), ServiceError> 
     notify::stopping();
     log::info!("stopping: answering the orders in flight");
     join_all(threads);
-    join_all(writers);
     join_all(watchdog.into_iter().collect());
     log::info!("stopped");
     Ok(())
@@ -61,9 +67,10 @@ fn spawn_http(
     producer: Producer,
     workers: usize,
     shutdown: &Receiver<()>,
+    beats: &notify::Heartbeats,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
     let probe = probe.clone();
-    server.spawn_workers("http", workers, shutdown, move |request| {
+    server.spawn_workers("http", workers, shutdown, beats, move |request| {
         if let Some(request) = http::ops_route(request, || probe.ready(), || probe.metrics()) {
             route(request, &producer);
         }
