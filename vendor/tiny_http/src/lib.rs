@@ -535,6 +535,15 @@ impl ConnectionTable {
     /// Whether a new connection may be served: under the limit, or after
     /// evicting the connection that has waited longest for its client.
     fn make_room(&self) -> bool {
+        // Evicted connections' threads end within moments of their socket
+        // being shut down; when too many are still ending, wait for them
+        // (the new client waits in the listen backlog) rather than refuse.
+        let waiting_since = std::time::Instant::now();
+        while self.open.load(Relaxed) >= MAX_CONNECTIONS + EVICTING_SLACK
+            && waiting_since.elapsed() < std::time::Duration::from_millis(500)
+        {
+            thread::sleep(std::time::Duration::from_millis(1));
+        }
         let open = self.open.load(Relaxed);
         if open < MAX_CONNECTIONS {
             return true;
