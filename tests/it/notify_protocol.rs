@@ -264,3 +264,51 @@ fn a_watchdog_meant_for_another_process_is_ignored() {
         format!("SIGTERM: exited with {status}")
     });
 }
+
+/// A wedged loop trips the watchdog: with Redis frozen (SIGSTOP), the
+/// reader of payment-service sits in `XREADGROUP` past the watchdog
+/// interval (its read timeout is `BLOCK_MS` + 5 s), so `WATCHDOG=1` stops
+/// (under systemd, a restart after `WatchdogSec`) and the log names the
+/// stale reader; once Redis runs again, the pings come back.
+#[test]
+fn a_wedged_reader_stops_the_watchdog_pings() {
+    let redis = RedisServer::start();
+    let mut notify = NotifySocket::bind();
+    let mut svc = Service::spawn(
+        "payment-service",
+        &redis,
+        &[
+            ("NOTIFY_SOCKET", notify.path()),
+            ("WATCHDOG_USEC", "1000000"),
+            ("BLOCK_MS", "500"),
+        ],
+    );
+    svc.wait_ready();
+    notify.wait_for(&svc, "READY=1", READY_WITHIN, has("READY=1"));
+    notify.wait_for(&svc, "two WATCHDOG=1", Duration::from_secs(10), |seen| {
+        seen.iter().filter(|l| *l == "WATCHDOG=1").count() >= 2
+    });
+
+    redis.pause();
+    // The reader's current read returns within BLOCK_MS; the next one
+    // hangs. Give the watchdog an interval to see the stale beat, then
+    // expect silence for two more intervals.
+    notify.listen_for(Duration::from_secs(2));
+    let before = notify.count("WATCHDOG=1");
+    notify.listen_for(Duration::from_secs(2));
+    let during = notify.count("WATCHDOG=1") - before;
+    redis.resume();
+    svc.check(during == 0, || {
+        format!("{during} WATCHDOG=1 sent while the reader was stuck on a frozen Redis")
+    });
+    let log = svc.log();
+    svc.check(
+        log.contains("watchdog not fed") && log.contains("reader:order-events"),
+        || "the log does not name the stale reader".to_string(),
+    );
+
+    let resumed = notify.count("WATCHDOG=1");
+    notify.wait_for(&svc, "WATCHDOG=1 again", Duration::from_secs(15), |seen| {
+        seen.iter().filter(|l| *l == "WATCHDOG=1").count() > resumed
+    });
+}
