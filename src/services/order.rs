@@ -28,8 +28,9 @@ pub fn run(config: &Config, shutdown: Receiver<()>) -> Result<(), ServiceError> 
     let beats = notify::Heartbeats::new();
     let producer = Producer::new(&redis, 2, config.request_timeout);
 
-    // Orders are answered 503 until the groups exist; the writers create
-    // them too, so this only decides when to tell systemd we are ready.
+    // Orders are answered 503 until the groups exist; every connection that
+    // writes orders creates them too when it connects, so this only decides
+    // when to tell systemd we are ready.
     let mut threads = spawn_http(
         &server,
         &probe,

@@ -652,7 +652,7 @@ fn half_open_and_trickling_clients_cannot_tie_up_order_service() {
 /// Eight clients pipeline 20,000 requests each and never read the
 /// answers: their connections' threads soon wait to write, the workers do
 /// not, so fresh orders are still answered within a second. (With
-/// tiny_http the workers wrote the answers, and four such clients could
+/// unpatched tiny_http the workers wrote the answers, and four such clients could
 /// hold all four of them for IO_TIMEOUT at a time.)
 #[test]
 fn clients_that_never_read_their_answers_do_not_stall_the_workers() {
