@@ -212,36 +212,25 @@ pub fn render(groups: &[GroupGauge]) -> String {
             g.stream, g.group, g.pending
         );
     }
-    family(
+    counter(
         &mut out,
         "redis_reconnects_total",
-        "counter",
         "Reconnections to Redis after a lost connection.",
-    );
-    let _ = writeln!(
-        out,
-        "redis_reconnects_total {}",
-        r.reconnects.load(Ordering::Relaxed)
+        r.reconnects.load(Ordering::Relaxed),
     );
     let batches = r.order_batches.load(Ordering::Relaxed);
     if batches > 0 {
-        family(
+        counter(
             &mut out,
             "order_batches_total",
-            "counter",
             "Group-committed XADD batches.",
+            batches,
         );
-        let _ = writeln!(out, "order_batches_total {batches}");
-        family(
+        counter(
             &mut out,
             "orders_batched_total",
-            "counter",
             "Orders written in those batches.",
-        );
-        let _ = writeln!(
-            out,
-            "orders_batched_total {}",
-            r.orders_batched.load(Ordering::Relaxed)
+            r.orders_batched.load(Ordering::Relaxed),
         );
     }
     out
@@ -249,6 +238,12 @@ pub fn render(groups: &[GroupGauge]) -> String {
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// A counter without labels: its family lines and its one sample.
+fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+    family(out, name, "counter", help);
+    let _ = writeln!(out, "{name} {value}");
 }
 
 fn pairs(out: &mut String, name: &str, help: &str, map: &BTreeMap<(String, String), u64>) {

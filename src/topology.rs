@@ -99,38 +99,21 @@ pub fn ensure_groups(conn: &mut Connection) -> Result<(), RedisError> {
     Ok(())
 }
 
-/// Whether every group of the topology exists. Used by `/readyz`.
-pub fn groups_present(conn: &mut Connection) -> Result<bool, RedisError> {
-    for spec in TOPOLOGY {
-        let infos: Result<Vec<redis::Value>, RedisError> = redis::cmd("XINFO")
-            .arg("GROUPS")
-            .arg(spec.stream)
-            .query(conn);
-        let infos = match infos {
-            Ok(v) => v,
-            // "ERR no such key": the stream (and so every group) is gone.
-            Err(e) if e.code() == Some("ERR") => return Ok(false),
-            Err(e) => return Err(e),
-        };
-        let names: Vec<String> = infos.iter().filter_map(group_name).collect();
-        if spec.groups.iter().any(|g| !names.iter().any(|n| n == g)) {
-            return Ok(false);
-        }
-    }
-    Ok(true)
+/// Whether every group of the topology exists, read from `gauges` (what
+/// [`group_gauges`] found). Used by `/readyz`.
+pub fn groups_present(gauges: &[crate::metrics::GroupGauge]) -> bool {
+    TOPOLOGY.iter().all(|spec| {
+        spec.groups.iter().all(|g| {
+            gauges
+                .iter()
+                .any(|x| x.stream == spec.stream && x.group == *g)
+        })
+    })
 }
 
 /// Whether an error says a group (or its stream) is missing.
 pub fn is_nogroup(e: &RedisError) -> bool {
     e.code() == Some("NOGROUP")
-}
-
-fn group_name(info: &redis::Value) -> Option<String> {
-    let fields = crate::value::map_pairs(info)?;
-    fields
-        .into_iter()
-        .find(|(k, _)| k == "name")
-        .and_then(|(_, v)| crate::value::as_string(&v))
 }
 
 /// Lag and pending count of every group of the topology (`XINFO GROUPS`).

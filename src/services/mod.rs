@@ -82,12 +82,10 @@ impl Probe {
 
     /// `Ok` when Redis answers and every group of the topology exists.
     pub fn ready(&self) -> Result<(), String> {
-        match self.run(|c| {
-            redis::cmd("PING").query::<()>(c)?;
-            topology::groups_present(c)
-        }) {
-            Ok(true) => Ok(()),
-            Ok(false) => Err("consumer groups of the topology are missing".into()),
+        // XINFO GROUPS answering is the proof that Redis answers.
+        match self.run(topology::group_gauges) {
+            Ok(gauges) if topology::groups_present(&gauges) => Ok(()),
+            Ok(_) => Err("consumer groups of the topology are missing".into()),
             Err(e) => Err(format!("Redis unavailable: {e}")),
         }
     }

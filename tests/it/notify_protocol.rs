@@ -115,6 +115,26 @@ impl NotifySocket {
     }
 }
 
+/// Waits for the service to exit after a SIGTERM, and checks it exited 0.
+fn expect_clean_exit(svc: &mut Service) {
+    let status = svc.wait_exit(Duration::from_secs(30));
+    svc.check(status.success(), || {
+        format!("SIGTERM: exited with {status}")
+    });
+}
+
+/// SIGTERM: the service says `STOPPING=1`, then exits 0.
+fn stop_saying_stopping(svc: &mut Service, notify: &mut NotifySocket) {
+    svc.sigterm();
+    notify.wait_for(
+        svc,
+        "STOPPING=1",
+        Duration::from_secs(30),
+        has("STOPPING=1"),
+    );
+    expect_clean_exit(svc);
+}
+
 fn has(line: &'static str) -> impl FnMut(&[String]) -> bool {
     move |seen| seen.iter().any(|l| l == line)
 }
@@ -155,17 +175,7 @@ fn ready_status_stopping(name: &str) {
             .any(|l| l.starts_with("STATUS=") && l.len() > "STATUS=".len())
     });
 
-    svc.sigterm();
-    notify.wait_for(
-        &svc,
-        "STOPPING=1",
-        Duration::from_secs(30),
-        has("STOPPING=1"),
-    );
-    let status = svc.wait_exit(Duration::from_secs(30));
-    svc.check(status.success(), || {
-        format!("SIGTERM: exited with {status}")
-    });
+    stop_saying_stopping(&mut svc, &mut notify);
     svc.check(notify.count("READY=1") == 1, || {
         format!("READY=1 sent more than once: {:?}", notify.seen)
     });
@@ -222,17 +232,7 @@ fn every_service_feeds_the_watchdog_while_healthy() {
         });
     }
     for (svc, notify) in &mut running {
-        svc.sigterm();
-        notify.wait_for(
-            svc,
-            "STOPPING=1",
-            Duration::from_secs(30),
-            has("STOPPING=1"),
-        );
-        let status = svc.wait_exit(Duration::from_secs(30));
-        svc.check(status.success(), || {
-            format!("SIGTERM: exited with {status}")
-        });
+        stop_saying_stopping(svc, notify);
     }
 }
 
@@ -259,10 +259,7 @@ fn a_watchdog_meant_for_another_process_is_ignored() {
         format!("WATCHDOG=1 sent although WATCHDOG_PID=1: {:?}", notify.seen)
     });
     svc.sigterm();
-    let status = svc.wait_exit(Duration::from_secs(30));
-    svc.check(status.success(), || {
-        format!("SIGTERM: exited with {status}")
-    });
+    expect_clean_exit(&mut svc);
 }
 
 /// A wedged loop trips the watchdog: with Redis frozen (SIGSTOP), the

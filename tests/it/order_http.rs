@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::support::{wait_for, wait_until, RedisServer, Response, Service};
+use crate::support::{order_path, wait_for, wait_until, RedisServer, Response, Service};
 
 const ORDER_EVENTS: &str = "order-events";
 const PAYMENT_EVENTS: &str = "payment-events";
@@ -38,26 +38,17 @@ fn start_service(redis: &RedisServer, env: &[(&str, &str)]) -> Service {
     svc
 }
 
-/// Percent-encodes everything but RFC 3986 unreserved characters.
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// `/order?userId=..&productId=..&price=..`, values percent-encoded.
-fn order_path(user: &str, product: &str, price: &str) -> String {
-    format!(
-        "/order?userId={}&productId={}&price={}",
-        enc(user),
-        enc(product),
-        enc(price)
-    )
+/// Places orders (each with the path `path()` gives) until one is accepted
+/// with 200, and returns its `orderId`. Until the service is ready, `503`
+/// is the right answer and is retried; anything else fails the test.
+fn accepted_once_ready(svc: &Service, what: &str, mut path: impl FnMut() -> String) -> String {
+    wait_for(what, Duration::from_secs(15), || {
+        let resp = svc.get(&path());
+        match resp.status {
+            503 => None,
+            _ => Some(expect_accepted(svc, &resp, 200)),
+        }
+    })
 }
 
 /// Checks an accepted order's answer (`status` is 200 or 201) and returns
@@ -560,17 +551,9 @@ fn groups_exist_before_the_first_order_with_only_order_service_running() {
     svc.wait_ready();
     // No wait for /readyz: a client does not wait for it either. Until the
     // groups exist, the service must not accept (503), so retry that.
-    let id = wait_for(
-        "order-service accepts an order",
-        Duration::from_secs(15),
-        || {
-            let resp = svc.get(&order_path("first-user", "first-product", "5"));
-            match resp.status {
-                503 => None,
-                _ => Some(expect_accepted(&svc, &resp, 200)),
-            }
-        },
-    );
+    let id = accepted_once_ready(&svc, "order-service accepts an order", || {
+        order_path("first-user", "first-product", "5")
+    });
 
     expect_order_visible_to_groups(&redis, &svc, &id);
 }
@@ -641,18 +624,10 @@ fn redis_down_answers_503_quickly_and_recovers_without_restart() {
     redis.start_again();
 
     let mut attempt = 0;
-    let after_id = wait_for(
-        "order-service accepts orders again",
-        Duration::from_secs(15),
-        || {
-            attempt += 1;
-            let resp = svc.get(&order_path(&format!("after-{attempt}"), "p", "1"));
-            match resp.status {
-                503 => None,
-                _ => Some(expect_accepted(&svc, &resp, 200)),
-            }
-        },
-    );
+    let after_id = accepted_once_ready(&svc, "order-service accepts orders again", || {
+        attempt += 1;
+        order_path(&format!("after-{attempt}"), "p", "1")
+    });
     let running = svc.is_running();
     svc.check(running, || "order-service exited".into());
     let users: Vec<(String, String)> = redis
@@ -695,17 +670,9 @@ fn redis_restarted_empty_gets_its_groups_back_before_the_next_order() {
         "Redis should have come back empty"
     );
 
-    let id = wait_for(
-        "order-service accepts orders again",
-        Duration::from_secs(15),
-        || {
-            let resp = svc.get(&order_path("after", "p", "1"));
-            match resp.status {
-                503 => None,
-                _ => Some(expect_accepted(&svc, &resp, 200)),
-            }
-        },
-    );
+    let id = accepted_once_ready(&svc, "order-service accepts orders again", || {
+        order_path("after", "p", "1")
+    });
     expect_order_visible_to_groups(&redis, &svc, &id);
     wait_until("/readyz answers 200 again", Duration::from_secs(15), || {
         svc.get("/readyz").status == 200
@@ -769,17 +736,9 @@ fn order_service_started_before_redis_serves_once_redis_is_up() {
     let redis = RedisServer::options().port(port).start();
 
     svc.wait_readyz();
-    let id = wait_for(
-        "order-service accepts an order",
-        Duration::from_secs(15),
-        || {
-            let resp = svc.get(&order_path("on-time", "p", "1"));
-            match resp.status {
-                503 => None,
-                _ => Some(expect_accepted(&svc, &resp, 200)),
-            }
-        },
-    );
+    let id = accepted_once_ready(&svc, "order-service accepts an order", || {
+        order_path("on-time", "p", "1")
+    });
     expect_order_visible_to_groups(&redis, &svc, &id);
     let users: Vec<String> = redis
         .entries(ORDER_EVENTS)

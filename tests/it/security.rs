@@ -22,109 +22,16 @@ use std::time::{Duration, Instant};
 use redis::{Connection, Value};
 use streamline::http::{IO_TIMEOUT, MAX_CONNECTIONS};
 
+use crate::support::flow::{
+    drained, start_ready, xlen, xrange, NOTIFICATION_GROUP, ORDER_DLQ, ORDER_EVENTS,
+    PAYMENT_EVENTS, PAYMENT_GROUP,
+};
 use crate::support::secure::{self, eventually, AclRedis, Certs};
-use crate::support::{RedisServer, Service, TempDir};
-
-const ORDER_EVENTS: &str = "order-events";
-const PAYMENT_EVENTS: &str = "payment-events";
-const ORDER_DLQ: &str = "order-events:dlq";
-const PAYMENT_GROUP: &str = "payment-service-group";
-const NOTIFICATION_GROUP: &str = "notification-service-group";
+use crate::support::{order_path, RedisServer, Service, TempDir};
 
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-fn start_ready(name: &str, redis: &RedisServer, env: &[(&str, &str)]) -> Service {
-    let mut svc = Service::spawn(name, redis, env);
-    svc.wait_ready();
-    svc.wait_readyz();
-    svc
-}
-
-fn order_path(user: &str, product: &str, price: &str) -> String {
-    let enc = |s: &str| -> String {
-        s.bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                    (b as char).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect()
-    };
-    format!(
-        "/order?userId={}&productId={}&price={}",
-        enc(user),
-        enc(product),
-        enc(price)
-    )
-}
-
-fn xlen(conn: &mut Connection, stream: &str) -> usize {
-    redis::cmd("XLEN")
-        .arg(stream)
-        .query(conn)
-        .expect("XLEN answers")
-}
-
-/// The fields of every entry of `stream`, as (name, raw value) pairs.
-/// A stream entry: its ID and its fields, values as raw bytes.
-type RawEntry = (String, Vec<(String, Vec<u8>)>);
-
-fn entries(conn: &mut Connection, stream: &str) -> Vec<RawEntry> {
-    let reply: Value = redis::cmd("XRANGE")
-        .arg(stream)
-        .arg("-")
-        .arg("+")
-        .query(conn)
-        .expect("XRANGE answers");
-    let Value::Array(items) = reply else {
-        return Vec::new();
-    };
-    items
-        .into_iter()
-        .filter_map(|e| {
-            let Value::Array(mut parts) = e else {
-                return None;
-            };
-            let fields = parts.pop()?;
-            let id: String = redis::from_redis_value_ref(&parts.pop()?).ok()?;
-            let Value::Array(kv) = fields else {
-                return None;
-            };
-            let pairs = kv
-                .chunks(2)
-                .filter_map(|p| {
-                    let k: String = redis::from_redis_value_ref(&p[0]).ok()?;
-                    let v: Vec<u8> = redis::from_redis_value_ref(&p[1]).ok()?;
-                    Some((k, v))
-                })
-                .collect();
-            Some((id, pairs))
-        })
-        .collect()
-}
-
-fn field<'a>(fields: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
-    fields
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_slice())
-}
-
-/// Whether `group` has read and acknowledged everything in `stream`.
-fn drained(conn: &mut Connection, stream: &str, group: &str) -> bool {
-    let groups: redis::streams::StreamInfoGroupsReply =
-        match redis::cmd("XINFO").arg("GROUPS").arg(stream).query(conn) {
-            Ok(g) => g,
-            Err(_) => return false,
-        };
-    groups
-        .groups
-        .iter()
-        .any(|g| g.name == group && g.pending == 0 && g.lag == Some(0))
-}
 
 /// `VmRSS` (KiB) and `Threads` of a process.
 fn proc_status(pid: u32) -> (u64, u64) {
@@ -840,9 +747,9 @@ fn values_past_the_limits_are_refused_over_http() {
 
     let resp = svc.get(&order_path(&at_limit, &at_limit, "999999999999.12345678"));
     svc.expect_status(&resp, 200);
-    let written = entries(&mut conn, ORDER_EVENTS);
+    let written = xrange(&mut conn, ORDER_EVENTS, "-", "+");
     assert_eq!(written.len(), 1);
-    assert_eq!(field(&written[0].1, "userId"), Some(at_limit.as_bytes()));
+    assert_eq!(written[0].get("userId"), Some(at_limit.as_bytes()));
 }
 
 /// The same poison written straight into Redis (as any client of the
@@ -936,28 +843,28 @@ fn values_past_the_limits_are_dead_lettered_by_the_consumers() {
             .then_some(())
         },
     );
-    let letters = entries(&mut conn, ORDER_DLQ);
+    let letters = xrange(&mut conn, ORDER_DLQ, "-", "+");
     for (id, field_name) in &poison_ids {
         for group in [PAYMENT_GROUP, NOTIFICATION_GROUP] {
-            let letter = letters.iter().find(|(_, f)| {
-                field(f, "originalId") == Some(id.as_bytes())
-                    && field(f, "group") == Some(group.as_bytes())
+            let letter = letters.iter().find(|l| {
+                l.get("originalId") == Some(id.as_bytes())
+                    && l.get("group") == Some(group.as_bytes())
             });
-            let Some((_, f)) = letter else {
+            let Some(letter) = letter else {
                 panic!("{id} not dead-lettered by {group}: {letters:?}");
             };
-            let error = String::from_utf8_lossy(field(f, "error").unwrap_or_default());
+            let error = letter.text("error").unwrap_or_default();
             assert!(
                 error.contains(field_name),
                 "{id}: error {error:?} should name {field_name}"
             );
         }
     }
-    for (_, fields) in entries(&mut conn, PAYMENT_EVENTS) {
-        let user = field(&fields, "userId").unwrap_or_default();
+    for payment in xrange(&mut conn, PAYMENT_EVENTS, "-", "+") {
+        let user = payment.get("userId").unwrap_or_default();
         assert!(
             user.starts_with(b"good-"),
-            "only good orders are paid: {fields:?}"
+            "only good orders are paid: {payment:?}"
         );
     }
 }

@@ -490,20 +490,14 @@ impl fmt::Display for Ledger {
             self.duplicate_process_ids,
             self.mismatched.len()
         )?;
-        for (what, list) in [
-            ("lost", &self.lost),
-            ("unknown", &self.unknown),
-            ("mismatched", &self.mismatched),
-        ] {
-            if !list.is_empty() {
-                write!(
-                    f,
-                    "\n  {what} (first 10): {:?}",
-                    &list[..list.len().min(10)]
-                )?;
-            }
-        }
-        Ok(())
+        write_lists(
+            f,
+            &[
+                ("lost", &self.lost),
+                ("unknown", &self.unknown),
+                ("mismatched", &self.mismatched),
+            ],
+        )
     }
 }
 
@@ -698,20 +692,14 @@ impl fmt::Display for Notified {
             self.unexpected.len(),
             self.problems.len()
         )?;
-        for (what, list) in [
-            ("missing", &self.missing),
-            ("unexpected", &self.unexpected),
-            ("problems", &self.problems),
-        ] {
-            if !list.is_empty() {
-                write!(
-                    f,
-                    "\n  {what} (first 10): {:?}",
-                    &list[..list.len().min(10)]
-                )?;
-            }
-        }
-        Ok(())
+        write_lists(
+            f,
+            &[
+                ("missing", &self.missing),
+                ("unexpected", &self.unexpected),
+                ("problems", &self.problems),
+            ],
+        )
     }
 }
 
@@ -874,4 +862,22 @@ pub fn env<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
 /// Milliseconds, for the figures tests print.
 pub fn ms(d: std::time::Duration) -> u128 {
     d.as_millis()
+}
+
+/// Writes each non-empty list as "\n  name (first 10): [...]", for the
+/// summaries tests print when an accounting does not add up.
+fn write_lists(
+    f: &mut std::fmt::Formatter<'_>,
+    lists: &[(&str, &Vec<String>)],
+) -> std::fmt::Result {
+    for (what, list) in lists {
+        if !list.is_empty() {
+            write!(
+                f,
+                "\n  {what} (first 10): {:?}",
+                &list[..list.len().min(10)]
+            )?;
+        }
+    }
+    Ok(())
 }

@@ -221,3 +221,25 @@ fn dechunk(mut s: &str) -> String {
     }
     out
 }
+
+/// `/order?userId=..&productId=..&price=..`, each value percent-encoded
+/// (everything but RFC 3986 unreserved characters), so any text, control
+/// characters and non-ASCII included, reaches the service as written.
+pub fn order_path(user: &str, product: &str, price: &str) -> String {
+    let enc = |s: &str| -> String {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    };
+    format!(
+        "/order?userId={}&productId={}&price={}",
+        enc(user),
+        enc(product),
+        enc(price)
+    )
+}

@@ -19,7 +19,7 @@ mod service;
 mod wait;
 mod webhook;
 
-pub use self::http::{agent, raw_request, request, request_with, Response};
+pub use self::http::{agent, order_path, raw_request, request, request_with, Response};
 pub use self::redis::{Entry, RedisOptions, RedisServer};
 pub use self::service::{bin, run_to_exit, Finished, Service};
 pub use self::wait::{wait_for, wait_until};
