@@ -1713,23 +1713,7 @@ pub fn human_idle(ms: u64) -> String {
     }
 }
 
-/// The URL with its password replaced by `***`: messages and reports end up
-/// in terminals, tickets and logs.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            let hidden = if userinfo.contains(':') { ":***" } else { "" };
-            format!("{scheme}://{user}{hidden}@{host}{tail}")
-        }
-        None => url.to_string(),
-    }
-}
+pub use crate::config::redact;
 
 #[cfg(test)]
 mod tests {

@@ -27,7 +27,7 @@ pub fn main(service: Service) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    crate::logger::init(service.name());
+    crate::logger::init(service.name(), &config.log_filter);
     let shutdown = match crate::shutdown::on_signals() {
         Ok(rx) => rx,
         Err(e) => {

@@ -69,7 +69,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { var: "REDIS_URL", default: Some("redis://127.0.0.1:6379"), help: "redis://[user:pass@]host:port[/db], or rediss:// for TLS", services: ALL },
     Setting { var: "REDIS_CA_CERT", default: None, help: "PEM file of the CA that signed the Redis server's certificate (rediss://); default: the system's roots", services: ALL },
     Setting { var: "HTTP_ADDR", default: Some(""), help: "listen address (order 127.0.0.1:8080, payment :8081, notification :8082)", services: ALL },
-    Setting { var: "CONSUMER_NAME", default: Some(""), help: "consumer name in the group; default <hostname>-<HTTP port>, stable across restarts", services: CONSUMERS },
+    Setting { var: "CONSUMER_NAME", default: Some(""), help: "consumer name in the group; default <hostname>-<machine ID, 8 hex>-<HTTP port>, stable across restarts", services: CONSUMERS },
     Setting { var: "NOTIFY_WEBHOOK_URL", default: None, help: "also POST each notification as JSON to this URL", services: NOTIFICATION },
     Setting { var: "WEBHOOK_TIMEOUT_MS", default: Some("5000"), help: "timeout of one webhook delivery", services: NOTIFICATION },
     Setting { var: "REQUEST_TIMEOUT_MS", default: Some("2000"), help: "an order not written within this time is answered 503", services: ORDER },
@@ -295,7 +295,7 @@ impl<E: Fn(&str) -> Option<String>> Raw<'_, E> {
                 }
                 name
             }
-            None => format!("{}-{}", hostname(), http_addr.port()),
+            None => default_consumer_name(&hostname(), machine_id().as_deref(), http_addr.port()),
         };
         let webhook_url = self.get("NOTIFY_WEBHOOK_URL");
         if let Some(url) = &webhook_url {
@@ -355,13 +355,69 @@ fn check_redis_url(url: &str) -> Result<(), ConfigError> {
     if !scheme_ok {
         return Err(invalid(
             "REDIS_URL",
-            url,
+            &redact(url),
             "expected redis://host:port[/db] or rediss://...".into(),
         ));
     }
     url.into_connection_info()
         .map(|_| ())
-        .map_err(|e| invalid("REDIS_URL", url, e.to_string()))
+        .map_err(|e| invalid("REDIS_URL", &redact(url), e.to_string()))
+}
+
+/// `url` with its password, if any, replaced by `***`, for messages and
+/// logs: `redis://order-service:***@10.0.0.5:6379`. The user name stays, so
+/// the reader can tell which URL it was.
+///
+/// ```
+/// use streamline::config::redact;
+/// assert_eq!(redact("redis://u:pw@h:1/0"), "redis://u:***@h:1/0");
+/// assert_eq!(redact("redis://h:1"), "redis://h:1");
+/// ```
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            let hidden = if userinfo.contains(':') { ":***" } else { "" };
+            format!("{scheme}://{user}{hidden}@{host}{tail}")
+        }
+        None => url.to_string(),
+    }
+}
+
+/// The consumer name used when `CONSUMER_NAME` is unset:
+/// `<hostname>-<machine ID, 8 hex digits>-<HTTP port>`.
+///
+/// Stable across restarts (a restarted consumer must find its own pending
+/// entries), distinct per instance on one host (the port), and distinct
+/// between hosts cloned from one image that kept its hostname: the machine
+/// ID is made anew on a clone's first boot (`systemd-machine-id-setup`).
+/// Without a machine ID it is `<hostname>-<HTTP port>`.
+///
+/// ```
+/// use streamline::config::default_consumer_name;
+/// assert_eq!(default_consumer_name("edge", Some("3d1219c7c4c5404a"), 8081), "edge-3d1219c7-8081");
+/// assert_eq!(default_consumer_name("edge", None, 8081), "edge-8081");
+/// ```
+pub fn default_consumer_name(host: &str, machine_id: Option<&str>, port: u16) -> String {
+    match machine_id {
+        Some(id) => format!("{host}-{}-{port}", &id[..id.len().min(8)]),
+        None => format!("{host}-{port}"),
+    }
+}
+
+/// This host's machine ID (`/etc/machine-id`, else D-Bus's copy), if it is
+/// the 32 hex digits it should be.
+pub fn machine_id() -> Option<String> {
+    ["/etc/machine-id", "/var/lib/dbus/machine-id"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|s| s.trim().to_ascii_lowercase())
+        .find(|s| s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// This host's name, for default consumer names; `localhost` if unknown.

@@ -40,7 +40,8 @@ const DEFAULT_LEVEL: LevelFilter = LevelFilter::Info;
 /// Set by the first [`init`]; later calls see it and do nothing.
 static LOGGER: OnceLock<Logger> = OnceLock::new();
 
-/// Installs the logger for this process, reading `RUST_LOG` and
+/// Installs the logger for this process with the filter `spec` (the
+/// configuration's `RUST_LOG`, from the environment or `--rust-log`), reading
 /// `JOURNAL_STREAM` once.
 ///
 /// `service` is the binary's name; it prefixes the warning printed when
@@ -50,12 +51,11 @@ static LOGGER: OnceLock<Logger> = OnceLock::new();
 /// Only the first call has an effect: a second call (or a logger installed by
 /// someone else, as a test harness might) is left alone, because the `log`
 /// crate allows one logger per process.
-pub fn init(service: &str) {
+pub fn init(service: &str, spec: &str) {
     let mut first = false;
     let logger = LOGGER.get_or_init(|| {
         first = true;
-        let spec = std::env::var("RUST_LOG").unwrap_or_default();
-        let (filter, errors) = Filter::parse(&spec);
+        let (filter, errors) = Filter::parse(spec);
         if !errors.is_empty() {
             let line = format!(
                 "{service}: ignoring RUST_LOG directive(s) it cannot parse: {}\n",

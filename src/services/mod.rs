@@ -81,8 +81,25 @@ impl Probe {
     }
 
     /// `Ok` when Redis answers and every group of the topology exists.
+    ///
+    /// Missing groups are created here, not only when work arrives: after
+    /// Redis restarted empty, a load balancer waits for `/readyz` before it
+    /// sends the order that would have recreated them, so a probe that only
+    /// looked would say 503 forever. Creating a group at ID `0` is what
+    /// every service does at start, so it is safe at any moment.
     pub fn ready(&self) -> Result<(), String> {
         // XINFO GROUPS answering is the proof that Redis answers.
+        match self.run(topology::group_gauges) {
+            Ok(gauges) if topology::groups_present(&gauges) => return Ok(()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("Redis unavailable: {e}")),
+        }
+        if let Err(e) = self.run(topology::ensure_groups) {
+            return Err(format!(
+                "consumer groups are missing and cannot be created: {e}"
+            ));
+        }
+        log::info!("recreated the missing consumer groups of the topology");
         match self.run(topology::group_gauges) {
             Ok(gauges) if topology::groups_present(&gauges) => Ok(()),
             Ok(_) => Err("consumer groups of the topology are missing".into()),

@@ -27,3 +27,7 @@ mod systemd;
 // tests on everything that decodes bytes from outside.
 mod fuzz;
 mod security;
+
+// What a service does before any order: readiness that repairs the topology,
+// the log filter flag, default consumer names, redacted configuration errors.
+mod startup;
