@@ -10,12 +10,15 @@
 //! beside it, hence the `#[path]`s): [`args`], the HTTP [`client`],
 //! the closed-loop [`drive`]r, the [`reference`] runs, the [`system`] run
 //! and its drain, the [`latency`] run, [`ready`] (start-to-ready),
-//! [`procs`] (memory), [`progress`], [`stats`] and [`report`].
+//! [`procs`] (memory and CPU), [`progress`], [`stats`] and [`report`];
+//! for mode `wan`, the [`delay`] proxy and the services it [`spawn`]s.
 
 #[path = "load/args.rs"]
 mod args;
 #[path = "load/client.rs"]
 mod client;
+#[path = "load/delay.rs"]
+mod delay;
 #[path = "load/drive.rs"]
 mod drive;
 #[path = "load/latency.rs"]
@@ -30,6 +33,8 @@ mod ready;
 mod reference;
 #[path = "load/report.rs"]
 mod report;
+#[path = "load/spawn.rs"]
+mod spawn;
 #[path = "load/stats.rs"]
 mod stats;
 #[path = "load/system.rs"]
@@ -64,6 +69,7 @@ fn try_main() -> Result<(), String> {
         Mode::Load => load(&args, &progress),
         Mode::Latency => latency(&args, &progress),
         Mode::Ready => ready(&args, &progress),
+        Mode::Wan => wan(&args, &progress),
         Mode::Rss => {
             let procs = procs::services(&args.pids);
             report::memory(&procs, &memory(&procs), &memory(&procs));
@@ -157,6 +163,61 @@ fn latency(args: &Args, progress: &Progress) -> Result<(), String> {
 fn ready(args: &Args, progress: &Progress) -> Result<(), String> {
     let runs = ready::run(args, progress)?;
     report::ready(&runs);
+    Ok(())
+}
+
+/// Starts the services behind a delay proxy of `--redis-rtt-ms`, then a
+/// load run and a latency run against them, with the CPU time each process
+/// (services and, given `--redis-pid`, Redis) spent per order of the load.
+fn wan(args: &Args, progress: &Progress) -> Result<(), String> {
+    let bin_dir = args
+        .bin_dir
+        .as_deref()
+        .ok_or("wan needs --bin-dir (for example target/release)")?;
+    let proxy;
+    let service_url = if args.redis_rtt.is_zero() {
+        args.redis.clone()
+    } else {
+        proxy = delay::DelayProxy::start(args::redis_addr(&args.redis)?, args.redis_rtt)?;
+        args::via(&args.redis, proxy.addr)
+    };
+    progress.phase("starting the services", 0);
+    let services = spawn::Services::start(bin_dir, &service_url)?;
+    let mut run_args = args.clone();
+    run_args.target = services.target.clone();
+    run_args.pids = services.pids();
+    report::settings(&run_args);
+    let mut pids: Vec<(String, u32)> = procs::SERVICES
+        .iter()
+        .map(|s| s.to_string())
+        .zip(run_args.pids.iter().copied())
+        .collect();
+    pids.extend(args.redis_pid.map(|p| ("redis-server".to_string(), p)));
+    let cpu = |pids: &[(String, u32)]| -> Vec<Option<std::time::Duration>> {
+        pids.iter().map(|(_, p)| procs::cpu(*p)).collect()
+    };
+    let before = cpu(&pids);
+    let system = system::run(&run_args, progress)?;
+    let after = cpu(&pids);
+    let latency = latency::run(&run_args, progress)?;
+    progress.idle();
+    report::system(&system);
+    report::latency(&run_args, &[&latency]);
+    let per_order: Vec<(String, Option<f64>)> = pids
+        .iter()
+        .zip(before.iter().zip(&after))
+        .map(|((name, _), (b, a))| {
+            let us = match (b, a) {
+                (Some(b), Some(a)) => {
+                    Some((*a - *b).as_secs_f64() * 1e6 / system.http.ok.max(1) as f64)
+                }
+                _ => None,
+            };
+            (name.clone(), us)
+        })
+        .collect();
+    report::wan(&run_args, &system, &latency, &per_order);
+    drop(services);
     Ok(())
 }
 

@@ -12,6 +12,11 @@
 #   5. stops everything on exit, Ctrl-C included.
 #
 # Usage: scripts/bench.sh [load flags]    e.g. scripts/bench.sh -n 50000 -c 32 --rounds 5
+#        scripts/bench.sh --wan [load flags]
+#   --wan: instead of 3-5, one table over Redis round trips of 0, 1, 10 and
+#   50 ms (the load tool's own delay proxy between the services it starts
+#   and Redis) and -c 64 and 256: /order, end-to-end, order -> payment p50
+#   and CPU per order per process. RTTS="0 10" and CLIENTS="64" narrow it.
 # The results are printed and kept in target/bench/load-<date>.txt; on a
 # failure the logs (redis, services) are kept and their path printed.
 set -euo pipefail
@@ -104,6 +109,29 @@ REDIS_URL="redis://127.0.0.1:$redis_port"
 echo "private redis-server at $REDIS_URL (pid $redis_pid)"
 
 load() { cargo bench --quiet --bench load -- "$@"; }
+
+if [ "${1:-}" = --wan ]; then
+  shift
+  rows=()
+  for rtt in ${RTTS:-0 1 10 50}; do
+    for c in ${CLIENTS:-64 256}; do
+      echo "RTT $rtt ms, -c $c..."
+      out="$(load wan --bin-dir target/release --redis "$REDIS_URL" --redis-pid "$redis_pid" \
+        --redis-rtt-ms "$rtt" -c "$c" "$@")"
+      echo "$out" >>"$results"
+      header="$(echo "$out" | sed -n 's/^wan-header: //p')"
+      rows+=("$(echo "$out" | sed -n 's/^wan-row: //p')")
+    done
+  done
+  {
+    echo
+    echo "$header"
+    echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    printf '%s\n' "${rows[@]}"
+  } | tee -a "$results"
+  echo "results kept in $results"
+  exit 0
+fi
 
 load ready --bin-dir target/release --redis "$REDIS_URL" --rounds 5 | tee -a "$results"
 

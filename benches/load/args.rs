@@ -21,6 +21,9 @@ modes:
   ready      spawns each service binary from --bin-dir and times spawn ->
              first 200 on /readyz, idle RSS and SIGTERM -> exit
   rss        VmRSS and VmHWM of the running services
+  wan        starts the services from --bin-dir itself, with a delay proxy of
+             --redis-rtt-ms between them and --redis; then a load run and a
+             latency run, CPU per order per process, and one table row
 
 flags:
   --url URL          order-service base URL      [http://127.0.0.1:8080]
@@ -36,6 +39,8 @@ flags:
   --pids P,P,...     service pids for RSS        [found by /proc/*/comm]
   --bin-dir DIR      where the service binaries are (ready mode)
   --time-limit S     cap on any one phase        [120]
+  --redis-rtt-ms MS  round trip the delay proxy adds (wan mode) [0: none]
+  --redis-pid P      redis-server's pid, for its CPU (wan mode)
 
 Traffic goes only to 127.0.0.1: other hosts are refused.
 ";
@@ -55,6 +60,8 @@ pub enum Mode {
     Ready,
     /// Memory of the running services.
     Rss,
+    /// Services started by the tool behind a delay proxy.
+    Wan,
 }
 
 /// Every setting of a run. Built once by [`parse`], then read-only.
@@ -88,6 +95,10 @@ pub struct Args {
     pub bin_dir: Option<PathBuf>,
     /// Upper bound on the duration of any one phase.
     pub time_limit: Duration,
+    /// Round trip added between the services and Redis (wan mode).
+    pub redis_rtt: Duration,
+    /// redis-server's pid, for its CPU time (wan mode).
+    pub redis_pid: Option<u32>,
 }
 
 impl Default for Args {
@@ -107,6 +118,8 @@ impl Default for Args {
             pids: Vec::new(),
             bin_dir: None,
             time_limit: Duration::from_secs(120),
+            redis_rtt: Duration::ZERO,
+            redis_pid: None,
         }
     }
 }
@@ -146,6 +159,7 @@ fn parse_mode(word: &str) -> Result<Mode, String> {
         "latency" => Mode::Latency,
         "ready" => Mode::Ready,
         "rss" => Mode::Rss,
+        "wan" => Mode::Wan,
         _ => return Err(format!("unknown mode {word:?} (see --help)")),
     })
 }
@@ -165,6 +179,8 @@ fn set_flag(args: &mut Args, flag: &str, value: &str) -> Result<(), String> {
         "--pids" => args.pids = pids(value)?,
         "--bin-dir" => args.bin_dir = Some(PathBuf::from(value)),
         "--time-limit" => args.time_limit = Duration::from_secs(number(flag, value)?),
+        "--redis-rtt-ms" => args.redis_rtt = Duration::from_millis(number(flag, value)?),
+        "--redis-pid" => args.redis_pid = Some(number(flag, value)?),
         _ => return Err(format!("unknown flag {flag} (see --help)")),
     }
     Ok(())
@@ -209,6 +225,10 @@ fn validate(args: &Args) -> Result<(), String> {
             !args.time_limit.is_zero(),
             "--time-limit must be at least 1",
         ),
+        (
+            args.redis_rtt <= Duration::from_secs(1),
+            "--redis-rtt-ms must be 0..=1000",
+        ),
     ];
     match checks.iter().find(|(ok, _)| !ok) {
         Some((_, msg)) => Err((*msg).to_string()),
@@ -232,6 +252,36 @@ fn local_redis(url: &str) -> Result<String, String> {
             "--redis {url:?}: this tool only talks to 127.0.0.1 (got host {host:?})"
         ))
     }
+}
+
+/// The address of a (local, see [`parse`]) Redis URL, for the delay proxy.
+pub fn redis_addr(url: &str) -> Result<std::net::SocketAddr, String> {
+    let (_, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host_port = authority.rsplit('@').next().unwrap_or_default();
+    let host_port = host_port.replacen("localhost", "127.0.0.1", 1);
+    let with_port = if host_port.contains(':') {
+        host_port
+    } else {
+        format!("{host_port}:6379")
+    };
+    with_port
+        .parse()
+        .map_err(|_| format!("--redis {url:?}: cannot tell its address"))
+}
+
+/// `url` with its host and port replaced by `addr` (user, password and
+/// database kept).
+pub fn via(url: &str, addr: std::net::SocketAddr) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("redis", url));
+    let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+    let user = authority.rsplit_once('@').map(|(u, _)| format!("{u}@"));
+    let path = if path.is_empty() {
+        String::new()
+    } else {
+        format!("/{path}")
+    };
+    format!("{scheme}://{}{addr}{path}", user.unwrap_or_default())
 }
 
 /// Hosts that name this machine's IPv4 loopback.

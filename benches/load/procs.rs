@@ -82,3 +82,21 @@ pub fn mem(pid: u32) -> Option<Mem> {
         hwm_kib: kib("VmHWM:")?,
     })
 }
+
+/// Clock ticks per second of `/proc/<pid>/stat`'s times: `USER_HZ`, which
+/// Linux fixes at 100 for user space on every architecture we run on.
+const USER_HZ: u64 = 100;
+
+/// User plus system CPU time `pid` has used so far; `None` when it is gone.
+pub fn cpu(pid: u32) -> Option<std::time::Duration> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The name (field 2) may hold spaces and parentheses: count fields
+    // from the last ')'. utime and stime are fields 14 and 15.
+    let after = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(std::time::Duration::from_millis(
+        (utime + stime) * 1000 / USER_HZ,
+    ))
+}

@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -113,7 +113,11 @@ fn start_once(bin: &Path, name: &str, redis: &str) -> Result<Start, String> {
     })
 }
 
-fn wait_ready(child: &mut Child, target: &Target, spawned: Instant) -> Result<Duration, String> {
+pub fn wait_ready(
+    child: &mut Child,
+    target: &Target,
+    spawned: Instant,
+) -> Result<Duration, String> {
     let mut last = String::from("no answer");
     while spawned.elapsed() < READY_LIMIT {
         if let Ok(Some(status)) = child.try_wait() {
@@ -132,7 +136,7 @@ fn wait_ready(child: &mut Child, target: &Target, spawned: Instant) -> Result<Du
 }
 
 /// SIGTERM, then waits for the exit; SIGKILL after [`STOP_LIMIT`].
-fn terminate(child: &mut Child) -> Result<Duration, String> {
+pub fn terminate(child: &mut Child) -> Result<Duration, String> {
     let asked = Instant::now();
     let _ = Command::new("kill")
         .arg("-TERM")
@@ -151,14 +155,14 @@ fn terminate(child: &mut Child) -> Result<Duration, String> {
     ))
 }
 
-fn free_port() -> Result<u16, String> {
+pub fn free_port() -> Result<u16, String> {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .map_err(|e| format!("no free port: {e}"))
 }
 
-fn tail(log: &PathBuf) -> String {
+pub fn tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")

@@ -451,3 +451,47 @@ fn check(what: &str, value: f64, bound: f64, at_least: bool, unit: &str) {
     };
     println!("- {what}: {} {unit}: {verdict}", stats::ratio(value));
 }
+
+/// The header of [`wan`]'s row, for `scripts/bench.sh` to print once.
+const WAN_HEADER: &str = "| RTT ms | -c | /order req/s | c / RTT | ratio | end-to-end orders/s | e2e / order | order -> payment p50 ms | 1.6 RTT + 1 ms | CPU us/order (order, payment, notification, redis) |";
+
+/// One mode `wan` run as a Markdown row (prefixed `wan-row: ` so the bench
+/// script can collect rows into one table) after a readable summary.
+pub fn wan(
+    args: &Args,
+    system: &SystemRun,
+    latency: &LatencyRun,
+    cpu_per_order: &[(String, Option<f64>)],
+) {
+    let rtt_ms = args.redis_rtt.as_secs_f64() * 1e3;
+    let order = system.http.rps();
+    // The closed-loop bound: each client has one order in flight, and an
+    // order takes at least one round trip to Redis.
+    let bound = if rtt_ms > 0.0 {
+        args.clients as f64 / (rtt_ms / 1e3)
+    } else {
+        f64::NAN
+    };
+    let cpu = cpu_per_order
+        .iter()
+        .map(|(_, us)| us.map_or("-".to_string(), |us| format!("{us:.0}")))
+        .collect::<Vec<_>>()
+        .join(" / ");
+    let goal = if rtt_ms > 0.0 {
+        format!("{:.1}", 1.6 * rtt_ms + 1.0)
+    } else {
+        "-".to_string()
+    };
+    println!("wan-header: {WAN_HEADER}");
+    println!(
+        "wan-row: | {rtt_ms:.0} | {} | {} | {} | {} | {} | {} | {} | {goal} | {cpu} |",
+        args.clients,
+        per_sec(order),
+        per_sec(bound),
+        ratio(order / bound),
+        per_sec(system.e2e_rate()),
+        ratio(system.e2e_rate() / order),
+        ms(latency.payment.p50),
+    );
+    println!();
+}
