@@ -118,8 +118,9 @@ pub struct GroupGauge {
     pub group: String,
     /// Entries not yet delivered to the group (`lag`); `None` if Redis cannot tell.
     pub lag: Option<u64>,
-    /// Entries delivered and not yet acknowledged.
-    pub pending: u64,
+    /// Entries delivered and not yet acknowledged; `None` if Redis cannot
+    /// tell (the series is then left out rather than shown as 0).
+    pub pending: Option<u64>,
 }
 
 /// Renders every metric, plus the given group gauges, as Prometheus text.
@@ -206,11 +207,13 @@ pub fn render(groups: &[GroupGauge]) -> String {
         "Entries delivered to the group and not yet acknowledged.",
     );
     for g in groups {
-        let _ = writeln!(
-            out,
-            "group_pending{{stream=\"{}\",group=\"{}\"}} {}",
-            g.stream, g.group, g.pending
-        );
+        if let Some(pending) = g.pending {
+            let _ = writeln!(
+                out,
+                "group_pending{{stream=\"{}\",group=\"{}\"}} {pending}",
+                g.stream, g.group
+            );
+        }
     }
     counter(
         &mut out,
@@ -258,6 +261,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_pending_count_redis_did_not_give_is_left_out_not_shown_as_zero() {
+        let text = render(&[GroupGauge {
+            stream: "unknown-pending".into(),
+            group: "g".into(),
+            lag: None,
+            pending: None,
+        }]);
+        assert!(
+            !text.contains("group_pending{stream=\"unknown-pending\""),
+            "{text}"
+        );
+        assert!(
+            !text.contains("group_lag{stream=\"unknown-pending\""),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn renders_counters_and_gauges() {
         http_request(200);
         events("s", "g", "ok", 3);
@@ -266,7 +287,7 @@ mod tests {
             stream: "s".into(),
             group: "g".into(),
             lag: Some(7),
-            pending: 2,
+            pending: Some(2),
         }]);
         assert!(
             text.contains("http_requests_total{status=\"200\"}"),

@@ -146,8 +146,7 @@ pub fn group_gauges(conn: &mut Connection) -> Result<Vec<crate::metrics::GroupGa
                     .map(|n| n.max(0) as u64),
                 pending: get("pending")
                     .and_then(crate::value::as_i64)
-                    .unwrap_or(0)
-                    .max(0) as u64,
+                    .map(|n| n.max(0) as u64),
             });
         }
     }

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use crate::support::flow::Metrics;
-use crate::support::{wait_until, RedisServer, Service, WebhookSink};
+use crate::support::flow::{self, start_ready, Metrics, NOTIFICATION_GROUP, ORDER_EVENTS};
+use crate::support::{wait_until, Gate, RedisServer, Service, WebhookSink};
 
 const ORDERS: usize = 20;
 
@@ -13,31 +13,33 @@ fn place(svc: &Service, i: usize) -> u16 {
         .status
 }
 
-/// Orders (some refused), a poison entry, a webhook that fails once: the
-/// counters of requests by status, events by outcome, latency,
-/// redeliveries, dead letters, group lag and pending all show it; a Redis
-/// restart shows in the reconnect counter.
+/// Orders (some refused), a poison entry, a webhook held back by the test
+/// and then failing once: the counters of requests by status, events by
+/// outcome, latency, redeliveries, dead letters, group lag and pending
+/// (non-zero while the webhook is held, equal to `XPENDING`) all show it;
+/// a Redis restart shows in the reconnect counter. Every service is ready
+/// (`/readyz` 200) before the first order.
 #[test]
 fn every_metric_of_the_contract_moves_with_what_happened() {
     let mut redis = RedisServer::options()
         .port(crate::support::free_port())
         .start();
-    let sink = WebhookSink::options().fail_first(1).start();
-    let mut order = Service::spawn("order-service", &redis, &[]);
-    order.wait_ready();
+    let gate = Gate::closed();
+    let sink = WebhookSink::options().gate(&gate).fail_first(1).start();
+    let order = start_ready("order-service", &redis, &[]);
     let fast = [("CLAIM_IDLE_MS", "300")];
-    let mut payment = Service::spawn("payment-service", &redis, &fast);
-    payment.wait_ready();
+    let mut payment = start_ready("payment-service", &redis, &fast);
     let hook = sink.url();
-    let mut notification = Service::spawn(
+    let notification = start_ready(
         "notification-service",
         &redis,
         &[
             ("CLAIM_IDLE_MS", "300"),
+            // The gate is held for as long as the test needs.
+            ("WEBHOOK_TIMEOUT_MS", "60000"),
             ("NOTIFY_WEBHOOK_URL", hook.as_str()),
         ],
     );
-    notification.wait_ready();
 
     for i in 0..ORDERS {
         assert_eq!(place(&order, i), 200);
@@ -54,6 +56,30 @@ fn every_metric_of_the_contract_moves_with_what_happened() {
         .arg("1")
         .query(&mut conn)
         .expect("XADD poison");
+
+    // While the webhook is held, notification-service holds the entries it
+    // read: group_pending shows them, as many as XPENDING says.
+    sink.wait_arrived(1, Duration::from_secs(20));
+    let mut shown = (0.0, 0);
+    wait_until(
+        "group_pending of notification-service-group on order-events equals XPENDING, non-zero",
+        Duration::from_secs(20),
+        || {
+            let m = Metrics::of(&notification);
+            let metric = m.get(
+                "group_pending",
+                &[
+                    "stream=\"order-events\"",
+                    "group=\"notification-service-group\"",
+                ],
+            );
+            let actual = flow::pending(&mut conn, ORDER_EVENTS, NOTIFICATION_GROUP).0;
+            shown = (metric.unwrap_or(-1.0), actual);
+            metric == Some(actual as f64) && actual > 0
+        },
+    );
+    println!("group_pending while the webhook is held: {shown:?}");
+    gate.open();
 
     // 20 orders notified, 20 payments notified; the failed first attempt
     // comes back after CLAIM_IDLE_MS.

@@ -539,13 +539,30 @@ impl Metrics {
     }
 
     /// The sum of every series of `name` whose labels contain each of
-    /// `labels` (`key="value"` strings); 0 when there is none.
-    pub fn sum(&self, name: &str, labels: &[&str]) -> f64 {
-        self.samples
+    /// `labels` (`key="value"` strings); `None` when there is no such
+    /// series at all: a family that is missing is not a zero.
+    pub fn get(&self, name: &str, labels: &[&str]) -> Option<f64> {
+        let mut matching = self
+            .samples
             .iter()
             .filter(|(n, l, _)| n == name && labels.iter().all(|want| l.contains(want)))
-            .map(|(_, _, v)| v)
-            .sum()
+            .map(|(_, _, v)| *v)
+            .peekable();
+        matching.peek()?;
+        Some(matching.sum())
+    }
+
+    /// [`Metrics::get`], panicking (with the scrape) when no series of
+    /// `name` with `labels` exists.
+    #[track_caller]
+    pub fn sum(&self, name: &str, labels: &[&str]) -> f64 {
+        self.get(name, labels).unwrap_or_else(|| {
+            panic!(
+                "no series {name}{{{}}} in /metrics:\n{}",
+                labels.join(","),
+                self.text
+            )
+        })
     }
 
     /// Whether a series of `name` exists at all.

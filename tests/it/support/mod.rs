@@ -13,6 +13,7 @@
 
 pub mod flow;
 mod http;
+mod proxy;
 mod redis;
 pub mod secure;
 mod service;
@@ -20,10 +21,11 @@ mod wait;
 mod webhook;
 
 pub use self::http::{agent, order_path, raw_request, request, request_with, Response};
+pub use self::proxy::RedisProxy;
 pub use self::redis::{Entry, RedisOptions, RedisServer};
 pub use self::service::{bin, run_to_exit, Finished, Service};
 pub use self::wait::{wait_for, wait_until};
-pub use self::webhook::{Received, WebhookOptions, WebhookSink};
+pub use self::webhook::{Gate, Received, WebhookOptions, WebhookSink};
 
 use std::collections::HashSet;
 use std::net::TcpListener;

@@ -1,8 +1,11 @@
 //! A webhook receiver for notification tests: records every request and
-//! answers 200, or 500 when told to fail (to exercise retries).
+//! answers 200, or 500 when told to fail (to exercise retries). With a
+//! [`Gate`], the test decides when requests are answered: a closed gate
+//! keeps notification-service waiting with its entries in hand, however
+//! fast or slow the machine is.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -38,11 +41,50 @@ impl Received {
 
 type Predicate = Box<dyn Fn(&Value) -> bool + Send>;
 
+/// A gate the test holds: while closed, the sink answers nothing (the
+/// request that arrived waits, and those behind it queue up).
+#[derive(Clone, Default)]
+pub struct Gate(Arc<(Mutex<bool>, Condvar)>);
+
+impl Gate {
+    /// A gate that starts closed.
+    pub fn closed() -> Gate {
+        let gate = Gate::default();
+        gate.close();
+        gate
+    }
+
+    /// Closes it: requests from now on wait.
+    pub fn close(&self) {
+        *self.0 .0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    }
+
+    /// Opens it: waiting requests are answered.
+    pub fn open(&self) {
+        *self.0 .0.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.0 .1.notify_all();
+    }
+
+    /// Waits while closed (or until `stop`).
+    fn pass(&self, stop: &AtomicBool) {
+        let mut closed = self.0 .0.lock().unwrap_or_else(|e| e.into_inner());
+        while *closed && !stop.load(Ordering::SeqCst) {
+            closed = self
+                .0
+                 .1
+                .wait_timeout(closed, Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
 /// How a [`WebhookSink`] answers.
 #[derive(Default)]
 pub struct WebhookOptions {
     fail_first: usize,
     fail_when: Option<Predicate>,
+    gate: Option<Gate>,
 }
 
 impl WebhookOptions {
@@ -58,6 +100,12 @@ impl WebhookOptions {
         self
     }
 
+    /// Answers only while `gate` is open.
+    pub fn gate(mut self, gate: &Gate) -> Self {
+        self.gate = Some(gate.clone());
+        self
+    }
+
     /// Starts the sink.
     pub fn start(self) -> WebhookSink {
         WebhookSink::start_with(self)
@@ -68,6 +116,7 @@ impl WebhookOptions {
 pub struct WebhookSink {
     port: u16,
     received: Arc<Mutex<Vec<Received>>>,
+    arrived: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -92,18 +141,21 @@ impl WebhookSink {
             .expect("webhook sink: an IP address")
             .port();
         let received = Arc::new(Mutex::new(Vec::new()));
+        let arrived = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let received = Arc::clone(&received);
+            let arrived = Arc::clone(&arrived);
             let stop = Arc::clone(&stop);
             std::thread::Builder::new()
                 .name(format!("webhook-sink:{port}"))
-                .spawn(move || serve(server, opts, received, stop))
+                .spawn(move || serve(server, opts, received, arrived, stop))
                 .expect("spawn the webhook sink thread")
         };
         WebhookSink {
             port,
             received,
+            arrived,
             stop,
             thread: Some(thread),
         }
@@ -130,7 +182,20 @@ impl WebhookSink {
             .collect()
     }
 
-    /// How many requests arrived (accepted or not).
+    /// How many requests arrived, answered or still waiting at the gate.
+    pub fn arrived(&self) -> usize {
+        self.arrived.load(Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` requests arrived (answered or held at the
+    /// gate); panics after `deadline`.
+    pub fn wait_arrived(&self, n: usize, deadline: Duration) {
+        wait_until(&format!("{n} webhook requests arrived"), deadline, || {
+            self.arrived() >= n
+        });
+    }
+
+    /// How many requests were answered (accepted or not).
     pub fn count(&self) -> usize {
         self.received
             .lock()
@@ -168,6 +233,7 @@ fn serve(
     server: tiny_http::Server,
     opts: WebhookOptions,
     received: Arc<Mutex<Vec<Received>>>,
+    arrived: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
 ) {
     let mut seen = 0usize;
@@ -190,6 +256,10 @@ fn serve(
             })
             .collect();
         let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        arrived.fetch_add(1, Ordering::SeqCst);
+        if let Some(gate) = &opts.gate {
+            gate.pass(&stop);
+        }
         seen += 1;
         let fail = seen <= opts.fail_first || opts.fail_when.as_ref().is_some_and(|p| p(&body));
         let answered = if fail { 500 } else { 200 };
