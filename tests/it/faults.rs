@@ -501,11 +501,11 @@ fn poison_entries_are_dead_lettered_by_both_groups_and_the_rest_flows() {
                     .is_some_and(|c| c == "pay-f5" || c == "notify-f5"),
                 "{l:?}"
             );
-            assert!(
-                l.text("deliveries")
-                    .and_then(|d| d.parse::<u64>().ok())
-                    .is_some_and(|d| d >= 1),
-                "{l:?}"
+            // "At once": the first delivery is the last, no retry.
+            assert_eq!(
+                l.text("deliveries").as_deref(),
+                Some("1"),
+                "{id} dead-lettered at its first delivery: {l:?}"
             );
             for (k, v) in fields.iter() {
                 let k = std::str::from_utf8(k).expect("field names are UTF-8");
@@ -520,10 +520,43 @@ fn poison_entries_are_dead_lettered_by_both_groups_and_the_rest_flows() {
     }
     assert_eq!(xlen(&mut conn, PAYMENT_DLQ), 0);
     for (svc, n) in [(&payment, 3.0), (&notification, 3.0)] {
-        let dead = Metrics::of(svc).sum("dead_lettered_total", &[]);
+        let m = Metrics::of(svc);
+        let dead = m.sum("dead_lettered_total", &[]);
         svc.check(dead == n, || {
             format!("dead_lettered_total is {dead}, expected {n}")
         });
+        // Never a failed delivery or a retry: not one of them was tried again.
+        for (series, labels) in [
+            ("events_handled_total", &["outcome=\"failed\""][..]),
+            ("redeliveries_total", &[][..]),
+        ] {
+            let n = m.get(series, labels).unwrap_or(0.0);
+            svc.check(n == 0.0, || {
+                format!("{series}{labels:?} is {n} for poison entries:\n{}", m.text)
+            });
+        }
+    }
+    // The poison entries never reached the webhook either.
+    for r in sink.received() {
+        let user = r.body["userId"].as_str().unwrap_or_default().to_string();
+        assert!(
+            !user.starts_with("poison") && !user.contains("-bad"),
+            "a poison entry was notified: {r:?}"
+        );
+    }
+    // streamctl shows the same: each dead letter delivered once.
+    let run = crate::support::run_to_exit(
+        "streamctl",
+        &[],
+        &["--redis-url", &redis.url(), "--json", "dlq", "list", ORDER_EVENTS],
+        Duration::from_secs(30),
+    );
+    assert!(run.status.success(), "{run}");
+    let listed: serde_json::Value = serde_json::from_str(&run.stdout).expect("streamctl --json");
+    let entries = listed["entries"].as_array().cloned().unwrap_or_default();
+    assert_eq!(entries.len(), 2 * bad.len(), "{run}");
+    for e in &entries {
+        assert_eq!(e["deliveries"], 1, "streamctl dlq list: {e}");
     }
     println!(
         "good={GOOD} poison={} dead_letters={} {ledger} {notified} errors={errors:?}",
