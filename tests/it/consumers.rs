@@ -474,6 +474,17 @@ fn failed_webhook_deliveries_are_retried_until_accepted() {
             .map(|r| r.answered)
             .collect();
         assert_eq!(tries, [500, 500, 200], "attempts for {id}");
+        // Every attempt, failed or not, carries the same key, so the
+        // receiver can tell a retry from a new notification.
+        let key = format!("{ORDER_EVENTS}:{id}");
+        for r in all.iter().filter(|r| r.body["eventId"] == *id) {
+            assert_eq!(
+                r.idempotency_key.as_deref(),
+                Some(key.as_str()),
+                "Idempotency-Key of an attempt answered {}: {r:?}",
+                r.answered
+            );
+        }
     }
     let failed = all.iter().filter(|r| !r.accepted()).count();
     assert_eq!(failed, FAILS * flaky.len());
