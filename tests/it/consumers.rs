@@ -12,7 +12,6 @@
 //! --nocapture` shows them).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,7 +20,7 @@ use crate::support::flow::{
     xadd_orders_range, xadd_raw, xlen, xrange, Ledger, Metrics, Notified, ALL_GROUPS, DEADLINE,
     NOTIFICATION_GROUP, ORDER_DLQ, ORDER_EVENTS, PAYMENT_EVENTS, PAYMENT_GROUP,
 };
-use crate::support::{wait_until, RedisServer, Service, WebhookSink};
+use crate::support::{wait_until, Gate, RedisProxy, RedisServer, Service, WebhookSink};
 
 /// Waits until every group of the topology has nothing unread and nothing
 /// pending, and `payment-events` holds `payments` entries.
@@ -140,34 +139,27 @@ fn payment_service_killed_repeatedly_pays_each_order_exactly_once() {
 /// more waiting behind them; it must exit 0 within 5 s with nothing pending
 /// under its name. Started again, they finish the backlog with no payment
 /// or notification repeated.
+///
+/// The test holds each one still with its entries in hand, rather than
+/// hoping to catch it mid-run: payment-service talks to Redis through a
+/// proxy the test freezes, notification-service's webhook is gated.
 #[test]
 fn sigterm_finishes_and_acknowledges_the_work_in_hand() {
     const ORDERS: usize = 3000;
     const EXIT_WITHIN: Duration = Duration::from_secs(5);
     let redis = RedisServer::start();
-    // While `slow`, the webhook takes ~2 ms per call: notification-service
-    // has seconds of backlog when SIGTERM arrives.
-    let slow = Arc::new(AtomicBool::new(true));
-    let sink = {
-        let slow = Arc::clone(&slow);
-        WebhookSink::options()
-            .fail_when(move |_| {
-                if slow.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                false
-            })
-            .start()
-    };
+    let proxy = RedisProxy::start(&redis);
+    let proxy_url = proxy.url();
+    let gate = Gate::closed();
+    let sink = WebhookSink::options().gate(&gate).start();
     let url = sink.url();
     let mut conn = redis.conn();
     let ids = xadd_orders(&mut conn, "term", ORDERS);
-    // Small batches and one handler: payment-service takes long enough
-    // over the backlog to be caught in the middle of it.
     let mut payment = Service::spawn(
         "payment-service",
         &redis,
         &env(&[
+            ("REDIS_URL", &proxy_url),
             ("CONSUMER_NAME", "pay-term"),
             ("BATCH_SIZE", "4"),
             ("HANDLER_THREADS", "1"),
@@ -179,47 +171,71 @@ fn sigterm_finishes_and_acknowledges_the_work_in_hand() {
         &env(&[
             ("CONSUMER_NAME", "notify-term"),
             ("NOTIFY_WEBHOOK_URL", &url),
+            ("WEBHOOK_TIMEOUT_MS", "60000"),
         ]),
     );
 
+    // payment-service frozen (its Redis held) while it holds entries.
+    let held_by = |conn: &mut redis::Connection, streams: &[&str], group: &str, who: &str| {
+        streams
+            .iter()
+            .map(|s| pending_of(conn, s, group, who))
+            .sum::<usize>()
+    };
+    let mut held_payments = 0;
+    wait_until("payment-service frozen with entries in hand", DEADLINE, || {
+        proxy.hold();
+        held_payments = held_by(&mut conn, &[ORDER_EVENTS], PAYMENT_GROUP, "pay-term");
+        if held_payments == 0 {
+            proxy.release();
+        }
+        held_payments > 0
+    });
+    // notification-service waiting on the gated webhook with entries in hand.
+    sink.wait_arrived(1, DEADLINE);
+    let held_notifications = held_by(
+        &mut conn,
+        &[ORDER_EVENTS, PAYMENT_EVENTS],
+        NOTIFICATION_GROUP,
+        "notify-term",
+    );
+
     let mut report = Vec::new();
-    for (svc, streams, group) in [
-        (&mut payment, &[ORDER_EVENTS][..], PAYMENT_GROUP),
+    let release_redis = || proxy.release();
+    let open_gate = || gate.open();
+    for (svc, streams, group, held_at_sigterm, let_go) in [
+        (
+            &mut payment,
+            &[ORDER_EVENTS][..],
+            PAYMENT_GROUP,
+            held_payments,
+            &release_redis as &dyn Fn(),
+        ),
         (
             &mut notification,
             &[ORDER_EVENTS, PAYMENT_EVENTS][..],
             NOTIFICATION_GROUP,
+            held_notifications,
+            &open_gate as &dyn Fn(),
         ),
     ] {
         let consumer = svc
             .var("CONSUMER_NAME")
             .expect("a consumer name")
             .to_string();
-        let held = |conn: &mut redis::Connection| -> usize {
-            streams
-                .iter()
-                .map(|s| pending_of(conn, s, group, &consumer))
-                .sum()
-        };
-        // Polled without pause: payment-service is quick.
-        let deadline = Instant::now() + DEADLINE;
-        let held_at_sigterm = loop {
-            let n = held(&mut conn);
-            if n > 0 {
-                break n;
-            }
-            svc.check(Instant::now() < deadline, || {
-                format!("{consumer} never held a pending entry")
-            });
-        };
+        svc.check(held_at_sigterm > 0, || {
+            format!("{consumer} held nothing when signalled")
+        });
         svc.sigterm();
+        // Let it go on with what it holds.
+        let_go();
         let signalled = Instant::now();
         let status = svc.wait_exit(EXIT_WITHIN);
         let exited_in = signalled.elapsed();
         svc.check(status.success(), || {
             format!("exit status {status} after SIGTERM")
         });
-        let left = held(&mut conn);
+        let left = held_by(&mut conn, streams, group, &consumer);
         svc.check(left == 0, || {
             format!("{left} entries still pending for {consumer} after a clean stop")
         });
@@ -228,7 +244,7 @@ fn sigterm_finishes_and_acknowledges_the_work_in_hand() {
             .map(|s| unread(&mut conn, s, group).unwrap_or(0))
             .sum();
         svc.check(unread > 0, || {
-            format!("{consumer} finished its backlog before SIGTERM: nothing was in flight")
+            format!("{consumer} went on through its backlog after SIGTERM")
         });
         report.push(format!(
             "{}: pending_at_sigterm={held_at_sigterm} exited_in={}ms pending_after=0 backlog_left={unread}",
@@ -239,7 +255,6 @@ fn sigterm_finishes_and_acknowledges_the_work_in_hand() {
     let paid_at_stop = xlen(&mut conn, PAYMENT_EVENTS);
     let notified_at_stop = sink.count();
 
-    slow.store(false, Ordering::Relaxed);
     payment.restart();
     payment.wait_ready();
     notification.restart();
