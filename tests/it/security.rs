@@ -306,7 +306,8 @@ fn every_service_does_its_work_under_its_own_acl_user() {
     });
 
     // streamctl as its own user: read, redrive the dead letters, trim.
-    if let Some(streamctl) = option_env!("CARGO_BIN_EXE_streamctl") {
+    {
+        let streamctl = crate::support::bin("streamctl");
         let u = url("streamctl");
         for args in [
             &["status"][..],
@@ -315,7 +316,7 @@ fn every_service_does_its_work_under_its_own_acl_user() {
             &["dlq", "redrive", ORDER_EVENTS, "--all"],
             &["trim", "--retain", "0"],
         ] {
-            let out = std::process::Command::new(streamctl)
+            let out = std::process::Command::new(&streamctl)
                 .args(args)
                 .env_clear()
                 .env("REDIS_URL", &u)
@@ -355,7 +356,8 @@ fn every_service_does_its_work_under_its_own_acl_user() {
 }
 
 /// Each user is refused what is not its job (`NOPERM`), including writing
-/// another service's stream.
+/// another service's stream; `admin` is refused flushing, `CONFIG`,
+/// scripting and changing users, and keeps what an operator reads with.
 #[test]
 fn each_acl_user_is_refused_what_is_not_its_job() {
     let redis = AclRedis::start(&secure::acl_with_passwords());
@@ -416,11 +418,27 @@ fn each_acl_user_is_refused_what_is_not_its_job() {
             ],
         ),
     ];
+    // The README: "no user can FLUSHALL, CONFIG or EVAL" -- the operator's
+    // `admin` neither, nor can it give itself back those rights.
+    let admin: &[&[&str]] = &[
+        &["FLUSHALL"],
+        &["FLUSHDB"],
+        &["CONFIG", "GET", "*"],
+        &["CONFIG", "SET", "appendonly", "no"],
+        &["EVAL", "return 1", "0"],
+        &["EVAL_RO", "return 1", "0"],
+        &["FUNCTION", "LIST"],
+        &["ACL", "SETUSER", "admin", "+@all"],
+        &["SHUTDOWN"],
+    ];
+    let mut own = own.to_vec();
+    own.push(("admin", admin));
+    let everyone_but_admin = |user: &str| if user == "admin" { &[][..] } else { everyone };
     for (user, extra) in own {
         let mut conn = redis
             .conn_as(user)
             .unwrap_or_else(|e| redis.fail(&format!("{user} cannot log in: {e}")));
-        for cmd in everyone.iter().chain(extra.iter()) {
+        for cmd in everyone_but_admin(user).iter().chain(extra.iter()) {
             let mut c = redis::cmd(cmd[0]);
             for arg in &cmd[1..] {
                 c.arg(*arg);
@@ -431,6 +449,23 @@ fn each_acl_user_is_refused_what_is_not_its_job() {
                     "{user} must be refused {cmd:?} with NOPERM, got {other:?}"
                 )),
             }
+        }
+    }
+    let mut admin = redis.conn_as("admin").expect("admin logs in");
+    for cmd in [
+        &["INFO", "server"][..],
+        &["ACL", "LIST"],
+        &["ACL", "WHOAMI"],
+        &["XLEN", ORDER_EVENTS],
+        &["XADD", ORDER_EVENTS, "*", "a", "b"],
+        &["XINFO", "STREAM", ORDER_EVENTS],
+    ] {
+        let mut c = redis::cmd(cmd[0]);
+        for arg in &cmd[1..] {
+            c.arg(*arg);
+        }
+        if let Err(e) = c.query::<Value>(&mut admin) {
+            redis.fail(&format!("admin must be allowed {cmd:?}: {e}"));
         }
     }
 }
