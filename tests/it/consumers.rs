@@ -183,14 +183,18 @@ fn sigterm_finishes_and_acknowledges_the_work_in_hand() {
             .sum::<usize>()
     };
     let mut held_payments = 0;
-    wait_until("payment-service frozen with entries in hand", DEADLINE, || {
-        proxy.hold();
-        held_payments = held_by(&mut conn, &[ORDER_EVENTS], PAYMENT_GROUP, "pay-term");
-        if held_payments == 0 {
-            proxy.release();
-        }
-        held_payments > 0
-    });
+    wait_until(
+        "payment-service frozen with entries in hand",
+        DEADLINE,
+        || {
+            proxy.hold();
+            held_payments = held_by(&mut conn, &[ORDER_EVENTS], PAYMENT_GROUP, "pay-term");
+            if held_payments == 0 {
+                proxy.release();
+            }
+            held_payments > 0
+        },
+    );
     // notification-service waiting on the gated webhook with entries in hand.
     sink.wait_arrived(1, DEADLINE);
     let held_notifications = held_by(

@@ -548,7 +548,14 @@ fn poison_entries_are_dead_lettered_by_both_groups_and_the_rest_flows() {
     let run = crate::support::run_to_exit(
         "streamctl",
         &[],
-        &["--redis-url", &redis.url(), "--json", "dlq", "list", ORDER_EVENTS],
+        &[
+            "--redis-url",
+            &redis.url(),
+            "--json",
+            "dlq",
+            "list",
+            ORDER_EVENTS,
+        ],
         Duration::from_secs(30),
     );
     assert!(run.status.success(), "{run}");

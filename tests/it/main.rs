@@ -31,3 +31,7 @@ mod security;
 // What a service does before any order: readiness that repairs the topology,
 // the log filter flag, default consumer names, redacted configuration errors.
 mod startup;
+
+// Promises of the README's "Guarantees" and "Security" that had no test
+// (issue 11).
+mod promises;

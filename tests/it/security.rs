@@ -20,7 +20,6 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use redis::{Connection, Value};
-use streamline::http::{IO_TIMEOUT, MAX_CONNECTIONS};
 
 use crate::support::flow::{
     drained, start_ready, xlen, xrange, NOTIFICATION_GROUP, ORDER_DLQ, ORDER_EVENTS,
@@ -131,9 +130,9 @@ fn tls_with_a_wrong_ca_is_refused_with_a_certificate_error() {
     svc.check(resp.json_str("error").is_some(), || {
         format!("a 503 must say why: {resp}")
     });
-    let why = format!("{} {}", ready.body, svc.log()).to_lowercase();
-    svc.check(why.contains("certificate"), || {
-        format!("neither /readyz nor the log names a certificate problem: {ready}")
+    // The README: "/readyz says why" -- the answer itself, not only the log.
+    svc.check(ready.body.to_lowercase().contains("certificate"), || {
+        format!("/readyz does not name a certificate problem: {ready}")
     });
     let mut conn = redis.conn();
     assert_eq!(xlen(&mut conn, ORDER_EVENTS), 0);
@@ -474,6 +473,16 @@ fn each_acl_user_is_refused_what_is_not_its_job() {
 // HTTP abuse
 // ---------------------------------------------------------------------------
 
+/// The README's "at most 256 connections".
+pub const MAX_CONNECTIONS: usize = 256;
+/// The README's "a 10 s deadline for a request head and for its body".
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a fresh order may take next to an attack: well under
+/// [`IO_TIMEOUT`], which is how long it would wait if the attack held the
+/// worker it needs, and room enough for a loaded 2-core machine running
+/// other tests beside it.
+const FRESH_ORDER_WITHIN: Duration = Duration::from_secs(5);
+
 /// How many connections the attack holds open: more than the server's
 /// connection limit, so a server that spends a thread per connection
 /// without limit (unpatched tiny_http did: 275 threads for 300) fails the
@@ -491,8 +500,8 @@ const MAX_THREADS: u64 = MAX_CONNECTIONS as u64 + 16 + 24;
 const MAX_RSS_GROWTH_KIB: u64 = 48 * 1024;
 
 /// 600 connections that send half a request and wait, and one that
-/// trickles a byte every 300 ms: fresh orders are still answered within a
-/// second, threads and memory stay bounded, and every one of the attacking
+/// trickles a byte every 300 ms: fresh orders are still answered well
+/// within IO_TIMEOUT, threads and memory stay bounded, and every one of the attacking
 /// connections is closed by the server within IO_TIMEOUT (the trickler
 /// too: the timeout is a deadline for the whole head, not per read).
 #[test]
@@ -542,7 +551,7 @@ fn half_open_and_trickling_clients_cannot_tie_up_order_service() {
         let resp = svc.get(&order_path(&format!("fresh-{i}"), "p", "1"));
         svc.expect_status(&resp, 200);
         slowest = slowest.max(resp.elapsed);
-        svc.check(resp.elapsed < Duration::from_secs(1), || {
+        svc.check(resp.elapsed < FRESH_ORDER_WITHIN, || {
             format!("a fresh order took {:?} under attack: {resp}", resp.elapsed)
         });
     }
@@ -593,7 +602,7 @@ fn half_open_and_trickling_clients_cannot_tie_up_order_service() {
 
 /// Eight clients pipeline 20,000 requests each and never read the
 /// answers: their connections' threads soon wait to write, the workers do
-/// not, so fresh orders are still answered within a second. (With
+/// not, so fresh orders are still answered well within IO_TIMEOUT. (With
 /// unpatched tiny_http the workers wrote the answers, and four such clients could
 /// hold all four of them for IO_TIMEOUT at a time.)
 #[test]
@@ -613,13 +622,26 @@ fn clients_that_never_read_their_answers_do_not_stall_the_workers() {
         socket.connect(&svc.addr().into()).expect("connect");
         let mut s: TcpStream = socket.into();
         s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
-        let _ = s.write_all(&batch);
+        // Sent until the server stops taking more (its answers fill our
+        // small buffer): at least a few hundred requests must have gone out,
+        // or there was no attack to withstand.
+        let mut sent = 0;
+        while sent < batch.len() {
+            match s.write(&batch[sent..]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => sent += n,
+            }
+        }
+        assert!(
+            sent >= 500 * request.len(),
+            "a greedy client sent only {sent} bytes: the attack did not happen"
+        );
         greedy.push(s);
     }
     for i in 0..10 {
         let resp = svc.get(&order_path(&format!("fresh-{i}"), "p", "1"));
         svc.expect_status(&resp, 200);
-        svc.check(resp.elapsed < Duration::from_secs(1), || {
+        svc.check(resp.elapsed < FRESH_ORDER_WITHIN, || {
             format!(
                 "a fresh order took {:?} next to greedy clients: {resp}",
                 resp.elapsed
