@@ -18,7 +18,7 @@
 
 use proptest::prelude::*;
 
-use streamline::dlq::{split_fields, META_FIELDS};
+use streamline::dlq::split_fields;
 use streamline::http::{path, query};
 use streamline::record::{Fields, Order, Payment};
 use streamline::services::order::order_from_json;
@@ -44,6 +44,21 @@ fn valid_price(s: &str) -> bool {
     let digits =
         |d: &str, max: usize| (1..=max).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit());
     digits(int, 12) && frac.is_none_or(|f| digits(f, 8))
+}
+
+/// The metadata of a dead letter, as the README's "Guarantees" names it.
+const README_META_FIELDS: [&str; 6] = [
+    "originalId",
+    "originalStream",
+    "group",
+    "consumer",
+    "error",
+    "deliveries",
+];
+
+/// Whether an order of these fields is valid, by the rules above.
+fn valid_order(user: &str, product: &str, price: &str) -> bool {
+    valid_text(user) && valid_text(product) && valid_price(price)
 }
 
 /// Text that is often near the rules' edges: control characters, lengths
@@ -108,7 +123,12 @@ proptest! {
         let _ = path(&raw);
         if let Ok(q) = query(&raw) {
             let get = |k: &str| q.get(k).cloned().unwrap_or_default();
-            let _ = Order::new(get("userId"), get("productId"), get("price"));
+            let (u, p, price) = (get("userId"), get("productId"), get("price"));
+            prop_assert_eq!(
+                Order::new(u.clone(), p.clone(), price.clone()).is_ok(),
+                valid_order(&u, &p, &price),
+                "{:?} decoded to {:?} {:?} {:?}", raw, u, p, price
+            );
         }
         let url = format!("/order?userId={}&productId=p&price=1", encode_all(&user));
         let q = query(&url).expect("UTF-8 text, percent-encoded, decodes");
@@ -129,6 +149,13 @@ proptest! {
         junk in proptest::collection::vec(any::<u8>(), 0..64),
         cut in any::<usize>(),
     ) {
+        // A price given as a string or a non-negative integer is valid
+        // exactly when its text is; other numbers are not judged here.
+        let price_text = match &price {
+            serde_json::Value::String(p) => Some(p.clone()),
+            serde_json::Value::Number(n) if n.is_i64() => Some(n.to_string()),
+            _ => None,
+        };
         let body = serde_json::json!({"userId": user, "productId": product, "price": price}).to_string();
         match order_from_json(body.as_bytes()) {
             Ok(order) => {
@@ -136,7 +163,12 @@ proptest! {
                 prop_assert!(valid_price(&order.price));
                 prop_assert_eq!(&order.user_id, &user);
             }
-            Err(e) => prop_assert!(!e.is_empty()),
+            Err(e) => {
+                prop_assert!(!e.is_empty());
+                if let Some(p) = &price_text {
+                    prop_assert!(!valid_order(&user, &product, p), "refused a valid order {}: {}", body, e);
+                }
+            }
         }
         let mut raw = body.into_bytes();
         let at = cut % (raw.len() + 1);
@@ -171,6 +203,12 @@ proptest! {
         ),
     ) {
         let fields = Fields(pairs);
+        let text = |k: &str| fields.get(k).and_then(|v| std::str::from_utf8(v).ok());
+        let expect_order = matches!(
+            (text("userId"), text("productId"), text("price")),
+            (Some(u), Some(p), Some(price)) if valid_order(u, p, price)
+        );
+        prop_assert_eq!(Order::from_fields(&fields).is_ok(), expect_order, "{:?}", fields.0);
         match Order::from_fields(&fields) {
             Ok(o) => {
                 prop_assert!(valid_text(&o.user_id) && valid_text(&o.product_id));
@@ -203,16 +241,19 @@ proptest! {
             ),
             0..6,
         ),
-        meta in proptest::collection::vec("[ -~]{0,12}", META_FIELDS.len()),
+        meta in proptest::collection::vec("[ -~]{0,12}", README_META_FIELDS.len()),
     ) {
         let mut all = original.clone();
-        for (name, value) in META_FIELDS.iter().zip(&meta) {
+        for (name, value) in README_META_FIELDS.iter().zip(&meta) {
             all.push((name.as_bytes().to_vec(), value.as_bytes().to_vec()));
         }
         let (back, got) = split_fields(&Fields(all));
         prop_assert_eq!(back.0, original);
-        let names: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
-        prop_assert_eq!(names, META_FIELDS.to_vec());
+        let mut names: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
+        names.sort_unstable();
+        let mut documented = README_META_FIELDS.to_vec();
+        documented.sort_unstable();
+        prop_assert_eq!(names, documented);
     }
 }
 
@@ -225,15 +266,14 @@ fn a_live_order_service_survives_random_requests() {
     use std::net::TcpStream;
     use std::time::Duration;
 
-    use crate::support::{RedisServer, Service};
+    use crate::support::RedisServer;
 
     let redis = RedisServer::start();
-    let mut svc = Service::spawn("order-service", &redis, &[]);
-    svc.wait_ready();
+    let mut svc = crate::support::flow::start_ready("order-service", &redis, &[]);
     let addr = svc.addr();
     let seeds: [&[u8]; 4] = [
         b"GET /order?userId=u&productId=p&price=1 HTTP/1.1\r\nHost: x\r\n\r\n",
-        b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Length: 47\r\n\r\n{\"userId\":\"u\",\"productId\":\"p\",\"price\":\"1\"}",
+        b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Length: 42\r\n\r\n{\"userId\":\"u\",\"productId\":\"p\",\"price\":\"1\"}",
         b"POST /orders HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\n0\r\n\r\n",
         b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     ];
@@ -245,6 +285,21 @@ fn a_live_order_service_survives_random_requests() {
         },
         ..config()
     });
+    // Unmutated, each seed gets the answer the contract gives it.
+    for (seed, status) in seeds.iter().zip([200, 201, 400, 200]) {
+        let mut raw = seed.to_vec();
+        if !raw.windows(17).any(|w| w == b"Connection: close") {
+            // After the request line.
+            let at = raw
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .expect("a request line")
+                + 2;
+            raw.splice(at..at, b"Connection: close\r\n".iter().copied());
+        }
+        let resp = crate::support::raw_request(addr, &raw).unwrap_or_else(|e| svc.fail(e));
+        svc.expect_status(&resp, status);
+    }
     let request = (
         0..seeds.len(),
         proptest::collection::vec((any::<usize>(), any::<u8>(), 0u8..3), 0..8),
@@ -272,6 +327,21 @@ fn a_live_order_service_survives_random_requests() {
             let _ = s.shutdown(std::net::Shutdown::Write);
             let mut answer = Vec::new();
             let _ = s.read_to_end(&mut answer);
+            // Nothing, or answers that are HTTP with a status the server
+            // means (never a 500 of a panic).
+            if !answer.is_empty() {
+                let text = String::from_utf8_lossy(&answer);
+                let status: Option<u16> = text
+                    .strip_prefix("HTTP/1.")
+                    .and_then(|r| r.get(2..5))
+                    .and_then(|c| c.parse().ok());
+                prop_assert!(
+                    status.is_some_and(|s| (100..600).contains(&s) && s != 500),
+                    "answer to {:?}: {:?}",
+                    String::from_utf8_lossy(&raw),
+                    text
+                );
+            }
             Ok(())
         })
         .unwrap_or_else(|e| svc.fail(format!("property failed: {e}")));
@@ -297,7 +367,7 @@ fn a_live_order_service_survives_random_requests() {
                 .unwrap_or_default()
         };
         svc.check(
-            Order::new(get("userId"), get("productId"), get("price")).is_ok(),
+            valid_order(&get("userId"), &get("productId"), &get("price")),
             || format!("an invalid order was written: {id} {fields:?}"),
         );
     }
