@@ -379,12 +379,25 @@ mod tests {
     #[test]
     fn the_watchdog_loop_ends_when_shutdown_disconnects() {
         let (tx, rx) = crossbeam_channel::bounded::<()>(0);
+        let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(1);
         let set = Heartbeats::new();
         let thread = std::thread::spawn(move || {
             watchdog_loop(&set, &rx, Duration::from_millis(20));
+            let _ = done_tx.send(());
         });
-        std::thread::sleep(Duration::from_millis(50));
+        // Several periods go by and it keeps running while shutdown is open.
+        assert_eq!(
+            done_rx.recv_timeout(Duration::from_millis(100)),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout),
+            "the watchdog loop ended before shutdown"
+        );
         drop(tx);
+        // Ends promptly once shutdown disconnects; never a hung suite.
+        assert_eq!(
+            done_rx.recv_timeout(Duration::from_secs(10)),
+            Ok(()),
+            "the watchdog loop did not end within 10 s of shutdown"
+        );
         thread.join().expect("watchdog loop panicked");
     }
 }
