@@ -15,7 +15,7 @@ use crate::support::flow::{
     Metrics, Notified, RawEntry, ALL_GROUPS, DEADLINE, NOTIFICATION_GROUP, ORDER_DLQ, ORDER_EVENTS,
     PAYMENT_DLQ, PAYMENT_EVENTS, PAYMENT_GROUP,
 };
-use crate::support::{wait_until, RedisServer, Service, WebhookSink};
+use crate::support::{wait_until, RedisProxy, RedisServer, Service, WebhookSink};
 
 fn all_drained(conn: &mut redis::Connection) -> bool {
     ALL_GROUPS.iter().all(|(s, g)| drained(conn, s, g))
@@ -279,18 +279,25 @@ fn graceful_redis_restart_under_load_loses_no_accepted_order() {
     );
 }
 
-/// Issue 4, test 4: Redis pauses writes (`CLIENT PAUSE 5000 WRITE`) for
-/// longer than `REQUEST_TIMEOUT_MS` (1000): orders are answered 503 in
-/// time, not left hanging, and succeed again after the pause.
+/// Issue 4, test 4: Redis stops answering order-service (a proxy the test
+/// holds, frozen both ways) for as long as it takes to see three orders
+/// answered 503 within `REQUEST_TIMEOUT_MS` (1000) plus slack, not left
+/// hanging; once it answers again, orders succeed again.
 #[test]
 fn paused_redis_answers_503_in_time_then_recovers() {
     const TIMEOUT: Duration = Duration::from_millis(1000);
     const SLACK: Duration = Duration::from_millis(1500);
     let redis = RedisServer::start();
+    let proxy = RedisProxy::start(&redis);
+    let proxy_url = proxy.url();
     let order = start_ready(
         "order-service",
         &redis,
-        &[("REQUEST_TIMEOUT_MS", "1000"), ("TRIM_INTERVAL_MS", "0")],
+        &[
+            ("REDIS_URL", &proxy_url),
+            ("REQUEST_TIMEOUT_MS", "1000"),
+            ("TRIM_INTERVAL_MS", "0"),
+        ],
     );
     let _payment = start_ready("payment-service", &redis, &env(&[]));
     let place = |i: usize| {
@@ -305,12 +312,7 @@ fn paused_redis_answers_503_in_time_then_recovers() {
     }
 
     let mut conn = redis.conn();
-    redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(5000)
-        .arg("WRITE")
-        .exec(&mut conn)
-        .expect("CLIENT PAUSE");
+    proxy.hold();
     let paused = Instant::now();
     let mut refused = Vec::new();
     for i in 10..13 {
@@ -327,6 +329,8 @@ fn paused_redis_answers_503_in_time_then_recovers() {
         });
         refused.push((i, r.elapsed));
     }
+    let held_for = paused.elapsed();
+    proxy.release();
     let mut i = 13;
     let recovered = loop {
         let r = place(i);
@@ -381,7 +385,8 @@ fn paused_redis_answers_503_in_time_then_recovers() {
         .filter(|o| o.text("userId").is_some_and(|u| refused_users.contains(&u)))
         .count();
     println!(
-        "request_timeout=1000ms pause=5000ms(WRITE) refused_in=[{}] accepted_again_after={}ms accepted={} {ledger} refused_but_written={written_anyway} refused_after_recovery={}",
+        "request_timeout=1000ms held_for={}ms refused_in=[{}] accepted_again_after={}ms accepted={} {ledger} refused_but_written={written_anyway} refused_after_recovery={}",
+        ms(held_for),
         refused
             .iter()
             .map(|(_, e)| format!("{}ms", ms(*e)))
