@@ -153,6 +153,9 @@ pub struct Link {
     conn: Option<Connection>,
     backoff: Backoff,
     next_attempt: Option<Instant>,
+    /// Why the last connection attempt failed, for the errors answered
+    /// while waiting out the backoff (`/readyz` says why).
+    last_failure: Option<String>,
     connected_before: bool,
     on_connect: fn(&mut Connection) -> Result<(), RedisError>,
 }
@@ -175,6 +178,7 @@ impl Link {
             conn: None,
             backoff: Backoff::default(),
             next_attempt: None,
+            last_failure: None,
             connected_before: false,
             on_connect,
         }
@@ -192,7 +196,7 @@ impl Link {
         if self.conn.is_none() {
             if let Some(at) = self.next_attempt {
                 if Instant::now() < at {
-                    return Err(unavailable());
+                    return Err(unavailable(self.last_failure.as_deref()));
                 }
             }
             match self.open() {
@@ -204,15 +208,18 @@ impl Link {
                     self.connected_before = true;
                     self.backoff.reset();
                     self.next_attempt = None;
+                    self.last_failure = None;
                     self.conn = Some(conn);
                 }
                 Err(e) => {
                     self.next_attempt = Some(Instant::now() + self.backoff.next_delay());
+                    self.last_failure = Some(e.to_string());
                     return Err(e);
                 }
             }
         }
-        self.conn.as_mut().ok_or_else(unavailable)
+        let last = self.last_failure.as_deref();
+        self.conn.as_mut().ok_or_else(|| unavailable(last))
     }
 
     fn open(&self) -> Result<Connection, RedisError> {
@@ -239,6 +246,7 @@ impl Link {
         if is_connection_error(e) && self.conn.take().is_some() {
             log::warn!("lost the Redis connection: {e}");
             self.next_attempt = Some(Instant::now() + self.backoff.next_delay());
+            self.last_failure = Some(e.to_string());
         }
     }
 
@@ -285,11 +293,12 @@ impl Link {
     }
 }
 
-fn unavailable() -> RedisError {
-    RedisError::from(std::io::Error::new(
-        std::io::ErrorKind::NotConnected,
-        "Redis is unavailable (reconnecting)",
-    ))
+fn unavailable(last_failure: Option<&str>) -> RedisError {
+    let why = match last_failure {
+        Some(e) => format!("Redis is unavailable (reconnecting; last attempt: {e})"),
+        None => "Redis is unavailable (reconnecting)".to_string(),
+    };
+    RedisError::from(std::io::Error::new(std::io::ErrorKind::NotConnected, why))
 }
 
 #[cfg(test)]
