@@ -691,15 +691,16 @@ fn frozen_redis_answers_503_within_the_request_timeout() {
 
     let resp = svc.get(&order_path("frozen", "p", "1"));
     expect_refused(&svc, &resp, 503, None);
-    // 1 s of request timeout, plus slack for a loaded machine.
-    let within = Duration::from_secs(2);
+    // 1 s of request timeout, plus slack for a loaded 2-core machine; a
+    // missing timeout would hang until the client's own 10 s.
+    let within = Duration::from_millis(3500);
     println!("frozen Redis: 503 after {:?}", resp.elapsed);
     svc.check(resp.elapsed < within, || {
         format!("503 should come within {within:?} (REQUEST_TIMEOUT_MS=1000): {resp}")
     });
     let health = svc.get("/healthz");
     svc.expect_status(&health, 200);
-    svc.check(health.elapsed < Duration::from_secs(1), || {
+    svc.check(health.elapsed < Duration::from_secs(3), || {
         format!("/healthz must not wait for Redis: {health}")
     });
     let ready = svc.get("/readyz");

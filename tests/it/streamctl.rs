@@ -12,7 +12,7 @@ use std::time::Duration;
 use redis::Connection;
 use serde_json::Value;
 
-use streamline::dlq::{self, DeadLetter, META_FIELDS};
+use streamline::dlq::{self, DeadLetter};
 use streamline::record::Fields;
 
 use crate::support::{indent, wait_until, RedisServer, Service};
@@ -94,6 +94,16 @@ fn streamctl_env(env: &[(&str, &str)], args: &[&str]) -> Run {
         elapsed: done.elapsed,
     }
 }
+
+/// The metadata of a dead letter, as the README's "Guarantees" names it.
+const README_META_FIELDS: [&str; 6] = [
+    "originalId",
+    "originalStream",
+    "group",
+    "consumer",
+    "error",
+    "deliveries",
+];
 
 // ---------------------------------------------------------------------------
 // Filling Redis by hand
@@ -455,6 +465,15 @@ fn dlq_redrive_puts_back_exactly_the_original_fields_once() {
         .map(|id| dead_letter(&redis, id, "pay-1", "webhook down"))
         .collect();
     assert_eq!(redis.xlen(ORDER_DLQ), 3);
+    // Each dead letter: its original fields plus the README's metadata.
+    for (letter, original) in redis.entries(ORDER_DLQ).iter().zip(&originals) {
+        let mut expected: Vec<&str> = original.keys().map(String::as_str).collect();
+        expected.extend(README_META_FIELDS);
+        expected.sort_unstable();
+        let mut names: Vec<&str> = letter.fields.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, expected, "{letter:?}");
+    }
 
     // One by ID: it leaves the DLQ and comes back as a new entry.
     let run = streamctl(
@@ -473,7 +492,7 @@ fn dlq_redrive_puts_back_exactly_the_original_fields_once() {
     assert_eq!(redis.xlen(ORDER_EVENTS), 4, "{run}");
     let back = last_fields(&redis, ORDER_EVENTS);
     assert_eq!(back, originals[1], "original fields, exactly: {run}");
-    for meta in META_FIELDS {
+    for meta in README_META_FIELDS {
         assert!(
             !back.contains_key(meta),
             "meta field {meta} redriven: {run}"
