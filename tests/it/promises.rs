@@ -385,3 +385,39 @@ fn at_the_connection_cap_the_longest_waiting_connection_is_evicted() {
         format!("newer connections were closed instead: {closed:?}")
     });
 }
+
+/// "Faults are not failures", and a pause is not even a fault: a consumer
+/// frozen (SIGSTOP, as a debugger or an overloaded host does) and thawed
+/// while blocked reading keeps its Redis connection; no reconnect, no lost
+/// connection in the log, and it goes on paying.
+#[test]
+#[ignore = "SIGCONT makes the reader's recv fail with EINTR (SO_RCVTIMEO), which src/connection.rs takes for a lost connection and reconnects (issue 11; connection.rs is the sentinel work's)"]
+fn a_consumer_stopped_and_continued_keeps_its_connection() {
+    let redis = RedisServer::start();
+    let payment = start_ready(
+        "payment-service",
+        &redis,
+        &env(&[("BLOCK_MS", "1000"), ("CONSUMER_NAME", "pay-paused")]),
+    );
+    let mut conn = redis.conn();
+    xadd_orders(&mut conn, "first", 1);
+    wait_until("the first order paid", DEADLINE, || {
+        xlen(&mut conn, PAYMENT_EVENTS) == 1
+    });
+    let reconnects =
+        |svc: &Service| crate::support::flow::Metrics::of(svc).sum("redis_reconnects_total", &[]);
+    let before = reconnects(&payment);
+    for _ in 0..5 {
+        payment.sigstop();
+        payment.sigcont();
+    }
+    crate::support::flow::xadd_orders_range(&mut conn, "second", 0..1);
+    wait_until("the order written after SIGCONT paid", DEADLINE, || {
+        xlen(&mut conn, PAYMENT_EVENTS) == 2
+    });
+    let after = reconnects(&payment);
+    let lost = payment.log().contains("lost the Redis connection");
+    payment.check(after == before && !lost, || {
+        format!("SIGSTOP/SIGCONT cost a connection: redis_reconnects_total {before} -> {after}, lost-connection line in the log: {lost}")
+    });
+}
