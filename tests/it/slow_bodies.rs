@@ -197,10 +197,19 @@ struct Trickled {
     bytes_sent: usize,
 }
 
-/// Sends `head`, tells `started`, then sends its body one byte every
+/// A trickler: what it is, its head, and what it sends of its body every
+/// [`TRICKLE_EVERY`] (nothing, for one that goes silent after its head).
+struct Trickler {
+    what: String,
+    head: String,
+    step: &'static [u8],
+}
+
+/// Sends `head`, tells `started`, then sends `step` of its body every
 /// [`TRICKLE_EVERY`] until a final answer arrives, the server closes, or
 /// three deadlines have passed.
-fn trickle(addr: SocketAddr, what: String, head: String, started: mpsc::Sender<()>) -> Trickled {
+fn trickle(addr: SocketAddr, trickler: Trickler, started: mpsc::Sender<()>) -> Trickled {
+    let Trickler { what, head, step } = trickler;
     let mut raw = Raw::connect(addr);
     raw.send(head.as_bytes()).expect("send the head");
     let head_sent = Instant::now();
@@ -208,10 +217,10 @@ fn trickle(addr: SocketAddr, what: String, head: String, started: mpsc::Sender<(
     let mut bytes_sent = 0;
     let mut answered_at = None;
     while head_sent.elapsed() < 3 * BODY_DEADLINE {
-        if raw.send(b" ").is_err() {
+        if raw.send(step).is_err() {
             break;
         }
-        bytes_sent += 1;
+        bytes_sent += step.len();
         let closed = raw.read_until(TRICKLE_EVERY, |a| a.status.is_some());
         if raw.answers().status.is_some() {
             answered_at = Some(Instant::now());
@@ -233,12 +242,13 @@ fn trickle(addr: SocketAddr, what: String, head: String, started: mpsc::Sender<(
 /// Starts the tricklers: half of the `Expect: 100-continue` ones on
 /// `GET /order` (a valid order in the query, so the old code wrote it and
 /// left the body to the order writer), the other half and all the
-/// `Connection: Upgrade` ones on `POST /orders` (read by a worker). Each
-/// announces a body of exactly the limit.
+/// `Connection: Upgrade` ones on `POST /orders` (read by a worker); and one
+/// more `Expect: 100-continue` on `POST /orders` that sends nothing after
+/// its head. Each announces a body of exactly the limit.
 fn start_tricklers(addr: SocketAddr) -> Vec<std::thread::JoinHandle<Trickled>> {
     let (started_tx, started) = mpsc::channel();
     let mut threads = Vec::new();
-    for i in 0..2 * TRICKLERS {
+    for i in 0..=2 * TRICKLERS {
         let (what, head) = if i < TRICKLERS {
             let expect = "Expect: 100-continue\r\n";
             if i % 2 == 0 {
@@ -256,17 +266,24 @@ fn start_tricklers(addr: SocketAddr) -> Vec<std::thread::JoinHandle<Trickled>> {
                     post_head(MAX_BODY, expect),
                 )
             }
-        } else {
+        } else if i < 2 * TRICKLERS {
             (
                 format!("trickler {i}: POST /orders, Connection: Upgrade"),
                 post_head(MAX_BODY, "Connection: Upgrade\r\nUpgrade: websocket\r\n"),
             )
+        } else {
+            (
+                format!("silent {i}: POST /orders, Expect: 100-continue, no byte of the body"),
+                post_head(MAX_BODY, "Expect: 100-continue\r\n"),
+            )
         };
+        let step: &'static [u8] = if i < 2 * TRICKLERS { b" " } else { b"" };
+        let trickler = Trickler { what, head, step };
         let started = started_tx.clone();
         threads.push(
             std::thread::Builder::new()
                 .name(format!("trickler-{i}"))
-                .spawn(move || trickle(addr, what, head, started))
+                .spawn(move || trickle(addr, trickler, started))
                 .expect("spawn a trickler"),
         );
     }
@@ -322,7 +339,7 @@ fn ordinary_orders(svc: &Service) -> Vec<Ordinary> {
 
 /// Eight connections announce a 64 KiB body with `Expect: 100-continue`
 /// and eight with `Connection: Upgrade`, then trickle it a byte every half
-/// second. Meanwhile 40 ordinary orders from eight clients are each
+/// second; one more sends its `Expect` head and then nothing. Meanwhile 40 ordinary orders from eight clients are each
 /// answered within 2 s. Each trickler gets `408` once the body deadline
 /// has passed (the `Expect` ones after a `100 Continue`), nothing of
 /// theirs is written, and the service goes on answering.
