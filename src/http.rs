@@ -21,7 +21,12 @@
 //!   headers (`431`); a body at most [`MAX_BODY`] (`413`, before reading it
 //!   when `Content-Length` says so). Bodies up to that size are read on the
 //!   connection's own thread before the request reaches a worker, so a slow
-//!   body never holds a worker.
+//!   body never holds a worker or an order writer. That includes bodies
+//!   after `Expect: 100-continue` (the connection's thread sends the
+//!   `100 Continue`, after checking the size) and bodies of
+//!   `Connection: Upgrade` requests (answered like any other, never
+//!   upgraded, then the connection is closed); [`read_body`] only ever
+//!   reads memory.
 //!
 //! What this does not do: limit connections per client address, or the rate
 //! of new connections. A flood from many addresses can still fill the

@@ -27,6 +27,8 @@ mod systemd;
 // tests on everything that decodes bytes from outside.
 mod fuzz;
 mod security;
+// Bodies after `Expect: 100-continue` or on `Connection: Upgrade` (issue 10.2).
+mod slow_bodies;
 
 // What a service does before any order: readiness that repairs the topology,
 // the log filter flag, default consumer names, redacted configuration errors.

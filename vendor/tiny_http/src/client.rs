@@ -91,6 +91,8 @@ enum ReadError {
     HeadTooLarge,
     /// streamline patch: a body over MAX_BODY
     BodyTooLarge,
+    /// streamline patch: a body not in within HEAD_DEADLINE
+    BodyTooSlow,
     ReadIoError(IoError),
 }
 
@@ -260,6 +262,16 @@ impl ClientConnection {
         let mut data_source = self.source.next().unwrap();
         std::mem::swap(&mut self.next_header_source, &mut data_source);
 
+        // streamline patch: `100 Continue` is written by this thread, straight
+        // to the socket, just before it reads the body (unpatched, the
+        // handler's first read of the body sent it).
+        let sink = &mut self.sink;
+        let send_continue = move || -> IoResult<()> {
+            let mut writer = sink.next().unwrap();
+            writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+            writer.flush()
+        };
+
         // building the next reader
         let request = crate::request::new_request(
             self.secure,
@@ -270,6 +282,7 @@ impl ClientConnection {
             *self.remote_addr.as_ref().unwrap(),
             data_source,
             writer,
+            send_continue,
         )
         .map_err(|e| {
             use crate::request;
@@ -279,6 +292,7 @@ impl ClientConnection {
                     ReadError::ExpectationFailed(version)
                 }
                 request::RequestCreationError::BodyTooLarge => ReadError::BodyTooLarge,
+                request::RequestCreationError::BodyTooSlow => ReadError::BodyTooSlow,
             }
         })?;
         // streamline patch: the head and the body are in; now it is ours.
@@ -353,11 +367,15 @@ impl Iterator for ClientConnection {
                     return None; // TODO: should be recoverable, but needs handling in case of body
                 }
 
-                Err(e @ (ReadError::HeadTooLarge | ReadError::BodyTooLarge)) => {
-                    // streamline patch: 431 or 413, then close (the rest is
-                    // not read, so the next request's start is lost).
+                Err(
+                    e
+                    @ (ReadError::HeadTooLarge | ReadError::BodyTooLarge | ReadError::BodyTooSlow),
+                ) => {
+                    // streamline patch: 431, 413 or 408, then close (the
+                    // rest is not read, so the next request's start is lost).
                     let (status, error) = match e {
                         ReadError::HeadTooLarge => (431, "request head too large"),
+                        ReadError::BodyTooSlow => (408, "request body too slow"),
                         _ => (413, "request body too large"),
                     };
                     let mut writer = self.sink.next().unwrap();

@@ -134,15 +134,19 @@ pub const MAX_LINE: usize = 8 * 1024;
 pub const MAX_HEADERS: usize = 100;
 /// streamline patch: time a client has to send a request head (counted from
 /// when the connection starts waiting for it, idle keep-alive included), and
-/// then again its body when it is read up front.
+/// then again its body (counted from the end of the head, or from the
+/// `100 Continue`); past it, `408`.
 pub const HEAD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 /// streamline patch: largest request body. A larger one is answered `413`
 /// by the connection's thread before it is read (a chunked one as soon as a
-/// chunk size says so), and the connection closed. Smaller ones are read on
-/// the connection's thread, within HEAD_DEADLINE, before the request is
-/// handed out, so a slow body ties up only its own connection, never a
-/// worker (bodies sent after `Expect: 100-continue` are read when the
-/// handler asks for them).
+/// chunk size says so), and the connection closed; after `Expect:
+/// 100-continue`, without a `100 Continue`. Smaller ones are read on the
+/// connection's thread, within HEAD_DEADLINE, before the request is handed
+/// out (after `Expect: 100-continue` too, the connection's thread sending
+/// the `100 Continue` first; on `Connection: upgrade` requests too, which
+/// are answered like any other, never upgraded, and their connection
+/// closed), so a slow body ties up only its own connection, never a worker:
+/// nothing reads the socket once a request is handed out.
 pub const MAX_BODY: usize = 64 * 1024;
 /// streamline patch: most connections served at once. Each connection has
 /// a thread, so this bounds the threads (and their memory) too. When the

@@ -7,9 +7,7 @@ use std::str::FromStr;
 
 use std::sync::mpsc::Sender;
 
-use crate::util::{EqualReader, FusedReader};
 use crate::{HTTPVersion, Header, Method, Response, StatusCode};
-use chunked_transfer::Decoder;
 
 /// Represents an HTTP request made by a client.
 ///
@@ -111,6 +109,9 @@ pub enum RequestCreationError {
 
     /// streamline patch: the body is (or announces to be) over MAX_BODY.
     BodyTooLarge,
+
+    /// streamline patch: the body did not arrive within HEAD_DEADLINE.
+    BodyTooSlow,
 }
 
 impl From<IoError> for RequestCreationError {
@@ -128,8 +129,16 @@ impl From<IoError> for RequestCreationError {
 /// It is the responsibility of the `Request` to read only the data of the request and not further.
 ///
 /// The `Write` object will be used by the `Request` to write the response.
+///
+/// streamline patch: the body is read here, whole, before the `Request`
+/// exists: within MAX_BODY and HEAD_DEADLINE, `Expect: 100-continue` and
+/// `Connection: upgrade` requests included, so that nothing reads from
+/// `source_data` once the request is handed out. `send_continue` writes
+/// `100 Continue` to the client; it is called, for an HTTP/1.1 request that
+/// expects it, once the body's size is known to be within the limit and
+/// just before the body is read.
 #[allow(clippy::too_many_arguments)]
-pub fn new_request<R, W>(
+pub fn new_request<R, W, C>(
     secure: bool,
     method: Method,
     path: String,
@@ -138,10 +147,12 @@ pub fn new_request<R, W>(
     remote_addr: Option<SocketAddr>,
     mut source_data: R,
     writer: W,
+    send_continue: C,
 ) -> Result<Request, RequestCreationError>
 where
     R: Read + Send + 'static,
     W: Write + Send + 'static,
+    C: FnOnce() -> io::Result<()>,
 {
     // finding the transfer-encoding header
     let transfer_encoding = headers
@@ -174,76 +185,52 @@ where
         }
     };
 
-    // true if the client sent a `Connection: upgrade` header
-    let connection_upgrade = {
-        match headers
-            .iter()
-            .find(|h: &&Header| h.field.equiv("Connection"))
-            .map(|h| h.value.as_str())
-        {
-            Some(v) if v.to_ascii_lowercase().contains("upgrade") => true,
-            _ => false,
-        }
-    };
-
-    // we wrap `source_data` around a reading whose nature depends on the transfer-encoding and
-    // content-length headers
-    let reader = if connection_upgrade {
-        // if we have a `Connection: upgrade`, always keeping the whole reader
-        Box::new(source_data) as Box<dyn Read + Send + 'static>
-    } else if let Some(content_length) = content_length {
+    // streamline patch: a `Connection: upgrade` request is answered like any
+    // other, and its connection closed after the answer (see client.rs);
+    // unpatched, its handler got the socket itself to read from, on the
+    // handler's thread, without deadline or limit.
+    //
+    // streamline patch: every body is read now, on the connection's thread,
+    // within HEAD_DEADLINE and MAX_BODY. Unpatched, a body after `Expect:
+    // 100-continue` (and any body over 1 KiB) was read lazily by whoever
+    // handled the request, and what it left unread was drained when the
+    // request was dropped: a client trickling such a body held a worker (or
+    // whatever thread dropped the request) for as long as it liked.
+    let continue_first = expects_continue && version >= (1, 1);
+    let body = if let Some(content_length) = content_length {
         if content_length == 0 {
-            Box::new(io::empty()) as Box<dyn Read + Send + 'static>
+            None
         } else if content_length > crate::MAX_BODY {
-            // streamline patch: refused before a byte of it is read
+            // refused before a byte of it is read, and before `100 Continue`
             return Err(RequestCreationError::BodyTooLarge);
-        } else if !expects_continue {
-            // if the content-length is small enough, we just read everything into a buffer
-            // (streamline patch: up to MAX_BODY instead of 1024 bytes,
-            // within HEAD_DEADLINE, so a slow body holds only its connection)
-
-            let deadline = std::time::Instant::now() + crate::HEAD_DEADLINE;
-            let mut buffer = vec![0; content_length];
-            let mut offset = 0;
-
-            while offset != content_length {
-                if std::time::Instant::now() > deadline {
-                    let err = IoError::new(ErrorKind::TimedOut, "request body too slow");
-                    return Err(RequestCreationError::CreationIoError(err));
-                }
-                let read = source_data.read(&mut buffer[offset..])?;
-                if read == 0 {
-                    // the socket returned EOF, but we were before the expected content-length
-                    // aborting
-                    let info = "Connection has been closed before we received enough data";
-                    let err = IoError::new(ErrorKind::ConnectionAborted, info);
-                    return Err(RequestCreationError::CreationIoError(err));
-                }
-
-                offset += read;
-            }
-
-            Box::new(Cursor::new(buffer)) as Box<dyn Read + Send + 'static>
         } else {
-            let (data_reader, _) = EqualReader::new(source_data, content_length); // TODO:
-            Box::new(FusedReader::new(data_reader)) as Box<dyn Read + Send + 'static>
+            if continue_first {
+                send_continue()?;
+            }
+            let deadline = std::time::Instant::now() + crate::HEAD_DEADLINE;
+            Some(read_sized(&mut source_data, content_length, deadline)?)
         }
-    } else if transfer_encoding.is_some() && !expects_continue {
-        // if a transfer-encoding was specified, then "chunked" is ALWAYS applied
-        // over the message (RFC2616 #3.6)
-        // streamline patch: read it whole now, within HEAD_DEADLINE, and
-        // refuse it as soon as a chunk size says it would pass MAX_BODY.
-        let deadline = std::time::Instant::now() + crate::HEAD_DEADLINE;
-        let body = read_chunked(&mut source_data, deadline)?;
-        Box::new(Cursor::new(body)) as Box<dyn Read + Send + 'static>
     } else if transfer_encoding.is_some() {
-        Box::new(FusedReader::new(Decoder::new(source_data))) as Box<dyn Read + Send + 'static>
+        // if a transfer-encoding was specified, then "chunked" is ALWAYS applied
+        // over the message (RFC2616 #3.6); refused as soon as a chunk size
+        // says it would pass MAX_BODY
+        if continue_first {
+            send_continue()?;
+        }
+        let deadline = std::time::Instant::now() + crate::HEAD_DEADLINE;
+        Some(read_chunked(&mut source_data, deadline)?)
     } else {
         // if we have neither a Content-Length nor a Transfer-Encoding,
         // assuming that we have no data
         // TODO: could also be multipart/byteranges
-        Box::new(io::empty()) as Box<dyn Read + Send + 'static>
+        None
     };
+    let reader = match body {
+        Some(body) => Box::new(Cursor::new(body)) as Box<dyn Read + Send + 'static>,
+        None => Box::new(io::empty()) as Box<dyn Read + Send + 'static>,
+    };
+    // `source_data` is dropped here: the connection's next request reads on.
+    drop(source_data);
 
     Ok(Request {
         data_reader: Some(reader),
@@ -255,7 +242,8 @@ where
         http_version: version,
         headers,
         body_length: content_length,
-        must_send_continue: expects_continue,
+        // streamline patch: already sent, by the connection, before the body
+        must_send_continue: false,
         notify_when_responded: None,
     })
 }
@@ -321,6 +309,11 @@ impl Request {
     /// If you call this on a non-websocket request, tiny-http will wait until this `Stream` object
     ///  is destroyed before continuing to read or write on the socket. Therefore you should always
     ///  destroy it as soon as possible.
+    ///
+    /// streamline patch: the stream's read side yields only the request's
+    /// body (read up front), never the socket, and the connection is closed
+    /// after a `Connection: upgrade` request: no protocol is really
+    /// upgraded (the services never call this).
     pub fn upgrade<R: Read>(
         mut self,
         protocol: &str,
@@ -374,8 +367,9 @@ impl Request {
     /// # }
     /// ```
     ///
-    /// If the client sent a `Expect: 100-continue` header with the request, calling this
-    ///  function will send back a `100 Continue` response.
+    /// streamline patch: the body was read before the request was handed
+    /// out (after a `100 Continue` sent by the connection if the client sent
+    /// `Expect: 100-continue`); this reads it from memory.
     #[inline]
     pub fn as_reader(&mut self) -> &mut dyn Read {
         if self.must_send_continue {
@@ -565,8 +559,7 @@ fn read_chunked<R: Read>(
         body.resize(start + size, 0);
         let mut filled = start;
         while filled < body.len() {
-            check_deadline(deadline)?;
-            match source.read(&mut body[filled..])? {
+            match read_some(source, &mut body[filled..], deadline)? {
                 0 => return Err(malformed()),
                 n => filled += n,
             }
@@ -577,6 +570,44 @@ fn read_chunked<R: Read>(
     }
 }
 
+/// streamline patch: reads a body of exactly `length` bytes before
+/// `deadline`.
+fn read_sized<R: Read>(
+    source: &mut R,
+    length: usize,
+    deadline: std::time::Instant,
+) -> Result<Vec<u8>, RequestCreationError> {
+    let mut body = vec![0; length];
+    let mut filled = 0;
+    while filled < length {
+        match read_some(source, &mut body[filled..], deadline)? {
+            0 => {
+                // the socket returned EOF, but we were before the expected
+                // content-length: aborting
+                let info = "Connection has been closed before we received enough data";
+                let err = IoError::new(ErrorKind::ConnectionAborted, info);
+                return Err(RequestCreationError::CreationIoError(err));
+            }
+            n => filled += n,
+        }
+    }
+    Ok(body)
+}
+
+/// streamline patch: one read of the body, unless `deadline` has passed;
+/// a read that timed out (the socket's read timeout) is too slow too.
+fn read_some<R: Read>(
+    source: &mut R,
+    buf: &mut [u8],
+    deadline: std::time::Instant,
+) -> Result<usize, RequestCreationError> {
+    check_deadline(deadline)?;
+    source.read(buf).map_err(|e| match e.kind() {
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => RequestCreationError::BodyTooSlow,
+        _ => RequestCreationError::CreationIoError(e),
+    })
+}
+
 /// streamline patch: one CRLF-terminated line of at most 1 KiB.
 fn read_crlf_line<R: Read>(
     source: &mut R,
@@ -585,8 +616,7 @@ fn read_crlf_line<R: Read>(
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     loop {
-        check_deadline(deadline)?;
-        if source.read(&mut byte)? == 0 {
+        if read_some(source, &mut byte, deadline)? == 0 {
             let err = IoError::new(ErrorKind::UnexpectedEof, "body ended early");
             return Err(RequestCreationError::CreationIoError(err));
         }
@@ -609,8 +639,7 @@ fn read_crlf_line<R: Read>(
 
 fn check_deadline(deadline: std::time::Instant) -> Result<(), RequestCreationError> {
     if std::time::Instant::now() > deadline {
-        let err = IoError::new(ErrorKind::TimedOut, "request body too slow");
-        return Err(RequestCreationError::CreationIoError(err));
+        return Err(RequestCreationError::BodyTooSlow);
     }
     Ok(())
 }
