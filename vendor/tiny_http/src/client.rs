@@ -45,6 +45,10 @@ pub struct ClientConnection {
     // milliseconds since `epoch` at which it started waiting for its client
     // (see the server's connection table)
     waiting: Option<(std::sync::Arc<std::sync::atomic::AtomicU64>, Instant)>,
+
+    // streamline patch: a handle on the socket's read timeout for `linger`
+    // (the readers above own the socket behind buffers and locks)
+    timeouts: Option<crate::connection::Connection>,
 }
 
 /// streamline patch: the writer a request's answer goes to. It collects the
@@ -104,6 +108,7 @@ impl ClientConnection {
     ) -> ClientConnection {
         let remote_addr = read_socket.peer_addr();
         let secure = read_socket.secure();
+        let timeouts = read_socket.timeout_handle();
 
         let mut source = SequentialReaderBuilder::new(BufReader::with_capacity(1024, read_socket));
         let first_header = source.next().unwrap();
@@ -117,6 +122,7 @@ impl ClientConnection {
             secure,
             reply: None,
             waiting: None,
+            timeouts,
         }
     }
 
@@ -139,6 +145,14 @@ impl ClientConnection {
         let mut buf = [0u8; 8192];
         let mut dropped = 0;
         while Instant::now() < until && dropped < 8 * 1024 * 1024 {
+            // Each read ends by `until`: the socket's own timeout (10 s)
+            // would keep a silent client's connection 10 s past its answer.
+            let left = until.saturating_duration_since(Instant::now());
+            if let Some(t) = &self.timeouts {
+                if left.is_zero() || t.set_read_timeout(Some(left)).is_err() {
+                    return;
+                }
+            }
             match self.next_header_source.read(&mut buf) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => dropped += n,

@@ -95,6 +95,16 @@ impl Connection {
         }
     }
 
+    /// streamline patch: the read timeout of the socket (shared by every
+    /// clone of it), so `linger` can bound each read by its own deadline.
+    pub(crate) fn set_read_timeout(&self, d: Option<std::time::Duration>) -> std::io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_read_timeout(d),
+            #[cfg(unix)]
+            Self::Unix(s) => s.set_read_timeout(d),
+        }
+    }
+
     pub(crate) fn try_clone(&self) -> std::io::Result<Self> {
         match self {
             Self::Tcp(s) => s.try_clone().map(Self::from),
