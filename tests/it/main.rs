@@ -37,3 +37,8 @@ mod startup;
 // Promises of the README's "Guarantees" and "Security" that had no test
 // (issue 11).
 mod promises;
+
+// Guarantees under real conditions (issue 10, items 1 and 5): a slow webhook
+// receiver, and faults that must never count as failed deliveries.
+mod fault_counting;
+mod slow_webhook;

@@ -85,6 +85,7 @@ pub struct WebhookOptions {
     fail_first: usize,
     fail_when: Option<Predicate>,
     gate: Option<Gate>,
+    delay: Duration,
 }
 
 impl WebhookOptions {
@@ -103,6 +104,14 @@ impl WebhookOptions {
     /// Answers only while `gate` is open.
     pub fn gate(mut self, gate: &Gate) -> Self {
         self.gate = Some(gate.clone());
+        self
+    }
+
+    /// Answers each request `delay` after it arrived: a slow but working
+    /// receiver. Requests are answered one at a time, as by a receiver with
+    /// one worker.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
         self
     }
 
@@ -263,6 +272,9 @@ fn serve(
         seen += 1;
         let fail = seen <= opts.fail_first || opts.fail_when.as_ref().is_some_and(|p| p(&body));
         let answered = if fail { 500 } else { 200 };
+        if !opts.delay.is_zero() {
+            std::thread::sleep(opts.delay);
+        }
         received
             .lock()
             .unwrap_or_else(|e| e.into_inner())
