@@ -12,17 +12,36 @@
 //!   none are left; then it reads new entries (`>`). Every claim interval it
 //!   runs `XAUTOCLAIM` for entries idle longer than `CLAIM_IDLE_MS`: those of
 //!   a consumer that died, and its own that failed and wait for a retry.
+//!   The claim cursor is kept from one round to the next (back to `0-0` only
+//!   when Redis says the scan is complete), so the tail of a long pending
+//!   list is reached too.
 //! * Entries cross a **bounded** channel. A full channel blocks the reader,
 //!   so memory stays bounded whatever the backlog.
 //! * **Handler** threads take a batch, run the [`Handler`], and only then
 //!   acknowledge (one `XACK` for the batch), or leave a failed entry pending
 //!   for a retry, or dead-letter it (see [`crate::dlq`]). A failing entry
 //!   never holds up the others.
+//! * **Counting failures.** Only a handler that tried and failed counts
+//!   toward `MAX_DELIVERIES`: `HINCRBY` on [`topology::failures_key`], whose
+//!   answer says when the limit is reached; the count is removed when the
+//!   entry is acknowledged or dead-lettered. Redis's own delivery counter
+//!   is not used: reconnects, re-reading one's own pending entries and
+//!   claims raise it without anything having failed.
+//! * **Time.** A handler reports progress (its watchdog heartbeat) per
+//!   delivery, and a batch gets a wall-time budget ([`Settings::batch_budget`],
+//!   well below the watchdog and `CLAIM_IDLE_MS`): entries not started
+//!   within it are handed to the same thread's next turn, still pending and
+//!   in flight, never counted as failed.
+//! * **One path per entry.** An entry is in flight on one path at a time:
+//!   a claim or a re-read of our own pending entries that returns an entry a
+//!   handler holds, or finished while the read was on its way, skips it.
 //! * Shutdown: readers stop reading and hand over what they already read;
-//!   handlers finish and acknowledge everything in the channel, then exit
-//!   when the channel is disconnected.
+//!   handlers keep handling for at most [`STOP_GRACE`] (checked between
+//!   deliveries), acknowledge what they finished, leave the rest pending for
+//!   the next start, and exit when the channel is disconnected.
 
-use std::collections::HashSet;
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -55,8 +74,9 @@ pub struct Delivery {
     pub id: String,
     /// Its fields, as bytes.
     pub fields: Fields,
-    /// How often Redis has delivered it (1 the first time).
-    pub deliveries: u64,
+    /// Whether it was delivered before (a re-read of our own pending
+    /// entries, a claim): it may have a failure count to forget.
+    pub redelivered: bool,
 }
 
 /// How handling one delivery ended.
@@ -69,6 +89,10 @@ pub enum Outcome {
     DoneAndAcked,
     /// Not done.
     Failed(Failure),
+    /// Not tried: the batch's time ran out, or the service is stopping
+    /// ([`Progress::may_start`] said no). Stays pending, is tried again by
+    /// this process, and is not a failure.
+    NotTried,
 }
 
 /// Why a delivery was not handled.
@@ -101,10 +125,47 @@ impl Failure {
 /// What a service does with its entries.
 pub trait Handler: Send + Sync + 'static {
     /// Handles `batch` (all from one subscription) and returns one outcome
-    /// per delivery, in order. An `Err` means Redis failed part-way: nothing
-    /// the handler did was acknowledged, and the batch is tried again.
-    fn handle(&self, conn: &mut Connection, batch: &[Delivery])
-        -> Result<Vec<Outcome>, RedisError>;
+    /// per delivery, in order. A handler that works delivery by delivery
+    /// asks `progress` before each one and answers [`Outcome::NotTried`]
+    /// for the rest once it says no. An `Err` means Redis failed part-way:
+    /// nothing the handler did was acknowledged, and the batch is tried
+    /// again.
+    fn handle(
+        &self,
+        conn: &mut Connection,
+        batch: &[Delivery],
+        progress: &Progress<'_>,
+    ) -> Result<Vec<Outcome>, RedisError>;
+}
+
+/// Longest a handler thread keeps starting deliveries once shutdown has
+/// begun; what is left stays pending for the next start.
+pub const STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// A batch's progress: the handler thread's heartbeat, its time budget and
+/// shutdown.
+pub struct Progress<'a> {
+    beat: &'a Heartbeat,
+    deadline: Instant,
+    shutdown: &'a Receiver<()>,
+    stop_by: Cell<Option<Instant>>,
+}
+
+impl Progress<'_> {
+    /// Reports progress, and says whether delivery `i` of the batch may
+    /// start: the first always may (unless the stop grace is over), the
+    /// others only within the batch's budget and the stop grace.
+    pub fn may_start(&self, i: usize) -> bool {
+        self.beat.beat();
+        let now = Instant::now();
+        if crate::shutdown::is_started(self.shutdown) && self.stop_by.get().is_none() {
+            self.stop_by.set(Some(now + STOP_GRACE));
+        }
+        if self.stop_by.get().is_some_and(|t| now >= t) {
+            return false;
+        }
+        i == 0 || now < self.deadline
+    }
 }
 
 /// How the runtime reads and retries.
@@ -120,8 +181,24 @@ pub struct Settings {
     pub block: Duration,
     /// Idle time after which pending entries are claimed.
     pub claim_idle: Duration,
-    /// Deliveries after which a failing entry is dead-lettered.
+    /// Failed deliveries after which an entry is dead-lettered.
     pub max_deliveries: u64,
+    /// Longest a handler thread spends starting the deliveries of one batch
+    /// before acknowledging what it finished and reporting progress; see
+    /// [`batch_budget`].
+    pub batch_budget: Duration,
+}
+
+/// The wall-time budget of a batch: 2 s, and at most a quarter of the
+/// watchdog interval and of `CLAIM_IDLE_MS`, so a batch of slow deliveries
+/// never holds its entries long enough for another instance to claim them,
+/// nor keeps the watchdog or a stop waiting.
+pub fn batch_budget(claim_idle: Duration, watchdog: Option<Duration>) -> Duration {
+    let mut budget = Duration::from_secs(2).min(claim_idle / 4);
+    if let Some(w) = watchdog {
+        budget = budget.min(w / 4);
+    }
+    budget.max(Duration::from_millis(10))
 }
 
 impl Settings {
@@ -134,6 +211,7 @@ impl Settings {
             block: config.block,
             claim_idle: config.claim_idle,
             max_deliveries: config.max_deliveries,
+            batch_budget: batch_budget(config.claim_idle, crate::notify::watchdog_interval()),
         }
     }
 
@@ -145,11 +223,45 @@ impl Settings {
     }
 }
 
-/// Entries handed to handlers and not yet finished, so that a claim does not
-/// hand the same entry out twice inside this process.
-type InFlight = Arc<Mutex<HashSet<(Subscription, String)>>>;
+type Key = (Subscription, String);
 
-fn lock(set: &InFlight) -> std::sync::MutexGuard<'_, HashSet<(Subscription, String)>> {
+/// Entries handed to handlers and not yet finished, so that a claim or a
+/// re-read does not hand the same entry out twice inside this process.
+#[derive(Default)]
+struct Tracker {
+    /// Held by a handler thread (in the channel, in a batch, or carried
+    /// over to its next turn).
+    held: HashSet<Key>,
+    /// Finished (or let go) recently, with the [`Tracker::epoch`] at that
+    /// moment: a read that started before can still return them.
+    finished: HashMap<Key, u64>,
+    /// Counts finishes.
+    epoch: u64,
+}
+
+impl Tracker {
+    /// Whether a read that started at `epoch` may dispatch `key`.
+    fn may_dispatch(&self, key: &Key, epoch: u64) -> bool {
+        !self.held.contains(key) && self.finished.get(key).is_none_or(|&e| e <= epoch)
+    }
+
+    fn finish(&mut self, key: Key) {
+        if self.held.remove(&key) {
+            self.epoch += 1;
+            self.finished.insert(key, self.epoch);
+        }
+    }
+
+    /// Forgets finishes of `sub` that a read started at `epoch` (or later)
+    /// cannot have raced with.
+    fn prune(&mut self, sub: Subscription, epoch: u64) {
+        self.finished.retain(|k, e| k.0 != sub || *e > epoch);
+    }
+}
+
+type InFlight = Arc<Mutex<Tracker>>;
+
+fn lock(set: &InFlight) -> std::sync::MutexGuard<'_, Tracker> {
     set.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -180,6 +292,7 @@ pub fn start(
             in_flight: in_flight.clone(),
             shutdown: shutdown.clone(),
             beat: beats.register(&format!("reader:{}", sub.stream)),
+            claim_cursor: "0-0".into(),
         };
         threads.push(
             std::thread::Builder::new()
@@ -197,6 +310,8 @@ pub fn start(
             in_flight: in_flight.clone(),
             shutdown: shutdown.clone(),
             beat: beats.register(&format!("handler-{i}")),
+            carry: VecDeque::new(),
+            stop_by: None,
         };
         threads.push(
             std::thread::Builder::new()
@@ -215,6 +330,8 @@ struct Reader {
     in_flight: InFlight,
     shutdown: Receiver<()>,
     beat: Heartbeat,
+    /// Where the next `XAUTOCLAIM` continues (`0-0`: from the start).
+    claim_cursor: String,
 }
 
 impl Reader {
@@ -244,6 +361,7 @@ impl Reader {
                 next_claim = Instant::now() + self.settings.claim_interval();
             }
             let from = backlog.clone().unwrap_or_else(|| ">".into());
+            let epoch = self.epoch();
             match self.read(&from) {
                 Ok(entries) => {
                     if backlog.is_some() {
@@ -257,8 +375,8 @@ impl Reader {
                             }
                         }
                     }
-                    let counted = backlog.is_some();
-                    if !self.dispatch(entries, counted) {
+                    let redelivered = backlog.is_some();
+                    if !self.dispatch(entries, redelivered, epoch) {
                         break;
                     }
                 }
@@ -305,12 +423,20 @@ impl Reader {
         Ok(parse_read_reply(&reply))
     }
 
-    /// Claims entries idle longer than `CLAIM_IDLE_MS` and dispatches them.
+    /// How many entries handlers have finished so far (see [`Tracker`]).
+    fn epoch(&self) -> u64 {
+        lock(&self.in_flight).epoch
+    }
+
+    /// Claims entries idle longer than `CLAIM_IDLE_MS` and dispatches them,
+    /// continuing where the last round stopped.
     fn claim(&mut self) {
         let (sub, settings) = (self.sub, self.settings.clone());
-        let mut cursor = "0-0".to_string();
-        // Bounded per round, so reading new entries is never starved.
+        // Bounded per round, so reading new entries is never starved; the
+        // cursor carries over to the next round.
         for _ in 0..16 {
+            let cursor = self.claim_cursor.clone();
+            let epoch = self.epoch();
             let reply: Result<Value, RedisError> = self.link.run(|c| {
                 redis::cmd("XAUTOCLAIM")
                     .arg(sub.stream)
@@ -334,8 +460,12 @@ impl Reader {
                 let in_flight = lock(&self.in_flight);
                 entries
                     .into_iter()
-                    .filter(|(id, _)| !in_flight.contains(&(sub, id.clone())))
+                    .filter(|(id, _)| in_flight.may_dispatch(&(sub, id.clone()), epoch))
                     .collect()
+            };
+            self.claim_cursor = match value::as_string(next) {
+                Some(n) if n != "0-0" => n,
+                _ => "0-0".into(),
             };
             if !entries.is_empty() {
                 log::info!(
@@ -345,28 +475,23 @@ impl Reader {
                     entries.len()
                 );
             }
-            if !self.dispatch(entries, true) {
+            if !self.dispatch(entries, true, epoch) || self.claim_cursor == "0-0" {
                 return;
-            }
-            match value::as_string(next) {
-                Some(n) if n != "0-0" => cursor = n,
-                _ => return,
             }
         }
     }
 
     /// Hands entries to the handlers. `redelivered`: they were delivered
-    /// before, so their delivery counts are looked up. Returns `false` if the
-    /// handlers are gone.
-    fn dispatch(&mut self, entries: Vec<(String, Option<Fields>)>, redelivered: bool) -> bool {
-        if entries.is_empty() {
-            return true;
-        }
-        let counts = if redelivered {
-            self.delivery_counts(&entries)
-        } else {
-            Vec::new()
-        };
+    /// before. `epoch`: [`Reader::epoch`] when the read that returned them
+    /// was sent; entries held or finished since are skipped. Returns `false`
+    /// if the handlers are gone.
+    fn dispatch(
+        &mut self,
+        entries: Vec<(String, Option<Fields>)>,
+        redelivered: bool,
+        epoch: u64,
+    ) -> bool {
+        lock(&self.in_flight).prune(self.sub, epoch);
         let mut redeliveries = 0;
         for (id, fields) in entries {
             let Some(fields) = fields else {
@@ -379,26 +504,27 @@ impl Reader {
                 let (s, g) = (self.sub.stream, self.sub.group);
                 let _ = self
                     .link
-                    .run(|c| redis::cmd("XACK").arg(s).arg(g).arg(&id).query::<i64>(c));
+                    .run(|c| ack_and_forget(c, s, g, &[id.as_str()], &[id.as_str()]));
                 continue;
             };
-            let deliveries = counts
-                .iter()
-                .find(|(i, _)| *i == id)
-                .map_or(1, |(_, n)| *n)
-                .max(1);
-            if !lock(&self.in_flight).insert((self.sub, id.clone())) {
-                // Re-read after a reconnect while a handler still holds it.
-                continue;
+            {
+                let mut in_flight = lock(&self.in_flight);
+                let key = (self.sub, id.clone());
+                if !in_flight.may_dispatch(&key, epoch) {
+                    // Held by a handler, or finished while this read was on
+                    // its way: in flight on one path only.
+                    continue;
+                }
+                in_flight.held.insert(key);
             }
-            if deliveries > 1 {
+            if redelivered {
                 redeliveries += 1;
             }
             let mut delivery = Delivery {
                 sub: self.sub,
                 id,
                 fields,
-                deliveries,
+                redelivered,
             };
             loop {
                 match self.tx.send_timeout(delivery, Duration::from_secs(1)) {
@@ -415,35 +541,44 @@ impl Reader {
         metrics::redeliveries(self.sub.stream, self.sub.group, redeliveries);
         true
     }
+}
 
-    /// Delivery counts of `entries` from `XPENDING` (missing ones count 1).
-    fn delivery_counts(&mut self, entries: &[(String, Option<Fields>)]) -> Vec<(String, u64)> {
-        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
-            return Vec::new();
-        };
-        let (sub, consumer) = (self.sub, self.settings.consumer.clone());
-        let reply: Result<Value, RedisError> = self.link.run(|c| {
-            redis::cmd("XPENDING")
-                .arg(sub.stream)
-                .arg(sub.group)
-                .arg(&first.0)
-                .arg(&last.0)
-                .arg(entries.len())
-                .arg(&consumer)
-                .query(c)
-        });
-        let Ok(reply) = reply else { return Vec::new() };
-        value::as_array(&reply)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|row| match value::as_array(row)? {
-                [id, _consumer, _idle, count, ..] => {
-                    Some((value::as_string(id)?, value::as_i64(count)?.max(0) as u64))
-                }
-                _ => None,
-            })
-            .collect()
+/// `XACK`s `acked` and removes the failure counts of `forget`, in one round
+/// trip.
+fn ack_and_forget(
+    conn: &mut Connection,
+    stream: &str,
+    group: &str,
+    acked: &[&str],
+    forget: &[&str],
+) -> Result<(), RedisError> {
+    let mut pipe = redis::pipe();
+    if !acked.is_empty() {
+        pipe.cmd("XACK").arg(stream).arg(group).arg(acked).ignore();
     }
+    if !forget.is_empty() {
+        pipe.cmd("HDEL")
+            .arg(topology::failures_key(stream, group))
+            .arg(forget)
+            .ignore();
+    }
+    pipe.query(conn)
+}
+
+/// Adds one failure to each of `ids`; returns the counts now.
+fn count_failures(
+    conn: &mut Connection,
+    stream: &str,
+    group: &str,
+    ids: &[&str],
+) -> Result<Vec<u64>, RedisError> {
+    let key = topology::failures_key(stream, group);
+    let mut pipe = redis::pipe();
+    for id in ids {
+        pipe.cmd("HINCRBY").arg(&key).arg(*id).arg(1);
+    }
+    let counts: Vec<i64> = pipe.query(conn)?;
+    Ok(counts.into_iter().map(|n| n.max(1) as u64).collect())
 }
 
 /// Entries of an `XREADGROUP` reply (RESP2 array or RESP3 map); `None`
@@ -497,24 +632,40 @@ struct Worker {
     in_flight: InFlight,
     shutdown: Receiver<()>,
     beat: Heartbeat,
+    /// Deliveries of a batch whose budget ran out before they were started:
+    /// still held, first in this thread's next turn.
+    carry: VecDeque<Delivery>,
+    /// Once shutdown has begun: when to stop starting deliveries.
+    stop_by: Option<Instant>,
 }
 
 impl Worker {
     fn run(mut self) {
         loop {
             self.beat.beat();
-            let first = match self.rx.recv_timeout(Duration::from_secs(1)) {
-                Ok(d) => d,
-                Err(RecvTimeoutError::Timeout) => continue,
-                // Every reader has stopped and the channel is drained.
-                Err(RecvTimeoutError::Disconnected) => break,
+            let first = match self.carry.pop_front() {
+                Some(d) => d,
+                None => match self.rx.recv_timeout(Duration::from_secs(1)) {
+                    Ok(d) => d,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    // Every reader has stopped and the channel is drained.
+                    Err(RecvTimeoutError::Disconnected) => break,
+                },
             };
             let mut batch = vec![first];
             while batch.len() < self.settings.batch_size {
-                match self.rx.try_recv() {
+                match self
+                    .carry
+                    .pop_front()
+                    .map_or_else(|| self.rx.try_recv(), Ok)
+                {
                     Ok(d) => batch.push(d),
                     Err(_) => break,
                 }
+            }
+            if self.stop_grace_over() {
+                self.let_go(&batch);
+                continue;
             }
             // Group by subscription, keeping arrival order within each.
             while !batch.is_empty() {
@@ -530,27 +681,46 @@ impl Worker {
         );
     }
 
-    fn process(&mut self, batch: Vec<Delivery>) {
-        let (over, batch): (Vec<_>, Vec<_>) = batch
-            .into_iter()
-            .partition(|d| d.deliveries > self.settings.max_deliveries);
-        for d in &over {
-            let reason = format!(
-                "delivered {} times without success (MAX_DELIVERIES is {})",
-                d.deliveries, self.settings.max_deliveries
-            );
-            self.dead_letter(d, &reason);
+    /// Whether shutdown began more than [`STOP_GRACE`] ago.
+    fn stop_grace_over(&mut self) -> bool {
+        if self.stop_by.is_none() && crate::shutdown::is_started(&self.shutdown) {
+            self.stop_by = Some(Instant::now() + STOP_GRACE);
         }
-        if !batch.is_empty() {
-            self.handle(&batch);
+        self.stop_by.is_some_and(|t| Instant::now() >= t)
+    }
+
+    /// Lets go of deliveries not started at shutdown: they stay pending
+    /// for the next start (or a claim).
+    fn let_go(&mut self, batch: &[Delivery]) {
+        if let Some(d) = batch.first() {
+            log::info!(
+                "{}: stopping; {} entries not started stay pending for the next start",
+                d.sub.stream,
+                batch.len()
+            );
         }
         let mut in_flight = lock(&self.in_flight);
-        for d in over.iter().chain(&batch) {
-            in_flight.remove(&(d.sub, d.id.clone()));
+        for d in batch {
+            in_flight.finish((d.sub, d.id.clone()));
         }
     }
 
-    fn handle(&mut self, batch: &[Delivery]) {
+    fn process(&mut self, batch: Vec<Delivery>) {
+        let not_tried = self.handle(&batch);
+        let mut in_flight = lock(&self.in_flight);
+        for (i, d) in batch.into_iter().enumerate() {
+            if not_tried.contains(&i) {
+                // Still held: the next turn of this thread starts with it.
+                self.carry.push_back(d);
+            } else {
+                in_flight.finish((d.sub, d.id));
+            }
+        }
+    }
+
+    /// Handles `batch`; returns the positions of the deliveries the handler
+    /// did not start (its budget ran out).
+    fn handle(&mut self, batch: &[Delivery]) -> Vec<usize> {
         let sub = batch[0].sub;
         loop {
             if !self
@@ -562,11 +732,19 @@ impl Worker {
                     sub.stream,
                     batch.len()
                 );
-                return;
+                return Vec::new();
             }
             let started = Instant::now();
             let handler = self.handler.clone();
-            match self.link.run(|c| handler.handle(c, batch)) {
+            let progress = Progress {
+                beat: &self.beat,
+                deadline: started + self.settings.batch_budget,
+                shutdown: &self.shutdown,
+                stop_by: Cell::new(self.stop_by),
+            };
+            let result = self.link.run(|c| handler.handle(c, batch, &progress));
+            self.stop_by = progress.stop_by.get();
+            match result {
                 Ok(outcomes) => {
                     metrics::handler_latency(
                         sub.stream,
@@ -582,11 +760,14 @@ impl Worker {
                         sub.stream,
                         batch.len()
                     );
+                    if self.stop_grace_over() {
+                        return Vec::new();
+                    }
                 }
                 Err(e) if crate::connection::is_transient(&e) => {
                     log::info!("{}: Redis is busy ({e}); retrying", sub.stream);
                     if crate::shutdown::wait(&self.shutdown, Duration::from_millis(100)) {
-                        return;
+                        return Vec::new();
                     }
                 }
                 Err(e) if topology::is_nogroup(&e) => {
@@ -596,59 +777,56 @@ impl Worker {
                         sub.group
                     );
                     let _ = self.link.run(topology::ensure_groups);
-                    return;
+                    return Vec::new();
                 }
                 Err(e) => {
-                    log::error!(
-                        "{}: handling {} entries failed, they stay pending for a retry: {e}",
-                        sub.stream,
-                        batch.len()
-                    );
-                    metrics::events(sub.stream, sub.group, "failed", batch.len() as u64);
-                    return;
+                    // Not a fault of the link: the handler failed on these.
+                    let outcomes = batch
+                        .iter()
+                        .map(|_| Failure::transient(format!("Redis refused the handler: {e}")))
+                        .collect();
+                    return self.settle(batch, outcomes);
                 }
             }
         }
     }
 
-    /// Acknowledges what is done, dead-letters what will never be, leaves
-    /// the rest pending for a retry after `CLAIM_IDLE_MS`.
-    fn settle(&mut self, batch: &[Delivery], outcomes: Vec<Outcome>) {
+    /// Acknowledges what is done, counts failures and dead-letters what
+    /// failed `MAX_DELIVERIES` times or never can succeed, leaves the rest
+    /// pending for a retry after `CLAIM_IDLE_MS`. Returns the positions of
+    /// deliveries not tried.
+    fn settle(&mut self, batch: &[Delivery], outcomes: Vec<Outcome>) -> Vec<usize> {
         let sub = batch[0].sub;
-        let mut to_ack = Vec::new();
-        let (mut ok, mut failed) = (0, 0);
-        for (d, outcome) in batch.iter().zip(outcomes) {
+        let (mut to_ack, mut forget, mut failed_now, mut not_tried) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut ok = 0;
+        let answered = outcomes.len();
+        for (i, (d, outcome)) in batch.iter().zip(outcomes).enumerate() {
             match outcome {
-                Outcome::Done => to_ack.push(d.id.as_str()),
-                Outcome::DoneAndAcked => ok += 1,
-                Outcome::Failed(f)
-                    if f.permanent || d.deliveries >= self.settings.max_deliveries =>
-                {
-                    self.dead_letter(d, &f.reason)
+                Outcome::Done => {
+                    to_ack.push(d.id.as_str());
+                    if d.redelivered {
+                        forget.push(d.id.as_str());
+                    }
                 }
-                Outcome::Failed(f) => {
-                    failed += 1;
-                    log::warn!(
-                        "{} {}: delivery {} of {} failed, retrying after CLAIM_IDLE_MS: {}",
-                        sub.stream,
-                        d.id,
-                        d.deliveries,
-                        self.settings.max_deliveries,
-                        f.reason
-                    );
+                Outcome::DoneAndAcked => {
+                    ok += 1;
+                    if d.redelivered {
+                        forget.push(d.id.as_str());
+                    }
                 }
+                Outcome::Failed(f) => failed_now.push((d, f)),
+                Outcome::NotTried => not_tried.push(i),
             }
         }
-        if !to_ack.is_empty() {
-            let acked = self.link.run(|c| {
-                redis::cmd("XACK")
-                    .arg(sub.stream)
-                    .arg(sub.group)
-                    .arg(&to_ack)
-                    .query::<i64>(c)
-            });
-            match acked {
-                Ok(_) => ok += to_ack.len() as u64,
+        // A handler that answered fewer outcomes than deliveries did not
+        // try the rest.
+        not_tried.extend(answered..batch.len());
+        let failed = self.count_and_settle_failures(sub, &failed_now);
+        if !to_ack.is_empty() || !forget.is_empty() {
+            let (s, g) = (sub.stream, sub.group);
+            match self.run_idempotent(|c| ack_and_forget(c, s, g, &to_ack, &forget)) {
+                Ok(()) => ok += to_ack.len() as u64,
                 Err(e) => {
                     // Done but not acknowledged: it will be delivered again,
                     // which handlers must (and do) tolerate.
@@ -657,25 +835,93 @@ impl Worker {
                         sub.stream,
                         to_ack.len()
                     );
-                    failed += to_ack.len() as u64;
+                    metrics::events(sub.stream, sub.group, "failed", to_ack.len() as u64);
                 }
             }
         }
         metrics::events(sub.stream, sub.group, "ok", ok);
         metrics::events(sub.stream, sub.group, "failed", failed);
+        not_tried
     }
 
-    fn dead_letter(&mut self, d: &Delivery, reason: &str) {
+    /// Counts one failure for each of `failed` (`HINCRBY`) and dead-letters
+    /// those that reached `MAX_DELIVERIES` or can never succeed. Returns
+    /// how many stay pending for a retry.
+    fn count_and_settle_failures(
+        &mut self,
+        sub: Subscription,
+        failed: &[(&Delivery, Failure)],
+    ) -> u64 {
+        if failed.is_empty() {
+            return 0;
+        }
+        let ids: Vec<&str> = failed.iter().map(|(d, _)| d.id.as_str()).collect();
+        let (s, g) = (sub.stream, sub.group);
+        let counts = match self.link.run(|c| count_failures(c, s, g, &ids)) {
+            Ok(counts) if counts.len() == ids.len() => counts,
+            other => {
+                // Not counted: the entries stay pending and are retried; a
+                // failure that could not be counted does not count.
+                let why = other
+                    .err()
+                    .map_or_else(|| "unexpected reply".into(), |e| e.to_string());
+                log::warn!(
+                    "{}: could not count {} failed deliveries ({why}); they are retried",
+                    sub.stream,
+                    ids.len()
+                );
+                return ids.len() as u64;
+            }
+        };
+        let max = self.settings.max_deliveries;
+        let mut retried = 0;
+        for ((d, f), n) in failed.iter().zip(counts) {
+            if f.permanent {
+                self.dead_letter(d, &f.reason, n);
+            } else if n >= max {
+                let reason = format!("failed {n} times (MAX_DELIVERIES is {max}): {}", f.reason);
+                self.dead_letter(d, &reason, n);
+            } else {
+                retried += 1;
+                log::warn!(
+                    "{} {}: failure {n} of at most {max}, retrying after CLAIM_IDLE_MS: {}",
+                    sub.stream,
+                    d.id,
+                    f.reason
+                );
+            }
+        }
+        retried
+    }
+
+    /// Runs `f`, which is safe to repeat, once more on a new connection if
+    /// the first attempt lost the connection: a dropped link must not turn
+    /// finished work into a redelivery (a repeated webhook call).
+    fn run_idempotent<T>(
+        &mut self,
+        f: impl Fn(&mut Connection) -> Result<T, RedisError>,
+    ) -> Result<T, RedisError> {
+        match self.link.run(&f) {
+            Err(e) if crate::connection::is_connection_error(&e) => {
+                self.link.skip_backoff();
+                self.link.run(&f)
+            }
+            other => other,
+        }
+    }
+
+    fn dead_letter(&mut self, d: &Delivery, reason: &str, failures: u64) {
+        let consumer = self.settings.consumer.clone();
         let letter = DeadLetter {
             stream: d.sub.stream,
             group: d.sub.group,
-            consumer: &self.settings.consumer,
+            consumer: &consumer,
             id: &d.id,
             fields: &d.fields,
             error: reason,
-            deliveries: d.deliveries,
+            deliveries: failures,
         };
-        match self.link.run(|c| dlq::move_to_dlq(c, &letter)) {
+        match self.run_idempotent(|c| dlq::move_to_dlq(c, &letter)) {
             Ok(true) => {
                 log::warn!(
                     "{} {}: dead-lettered to {}: {reason}",

@@ -22,9 +22,12 @@ pub const META_FIELDS: [&str; 6] = [
 ];
 
 /// Copies the entry to the dead-letter stream and acknowledges it, only if it
-/// is still pending for the group (someone else may have handled it since).
+/// is still pending for the group (someone else may have handled it since),
+/// and forgets its failure count (KEYS[3], see
+/// [`crate::topology::failures_key`]).
 const MOVE: &str = r#"
 local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+redis.call('HDEL', KEYS[3], ARGV[2])
 if #pending == 0 then return 0 end
 local fields = {}
 for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
@@ -53,7 +56,7 @@ pub struct DeadLetter<'a> {
     pub fields: &'a Fields,
     /// Why it is given up.
     pub error: &'a str,
-    /// How often it was delivered.
+    /// How often it failed (1 for an entry that can never succeed).
     pub deliveries: u64,
 }
 
@@ -64,6 +67,7 @@ pub fn move_to_dlq(conn: &mut Connection, letter: &DeadLetter<'_>) -> Result<boo
     let mut invocation = script.key(letter.stream);
     invocation
         .key(crate::topology::dlq_stream(letter.stream))
+        .key(crate::topology::failures_key(letter.stream, letter.group))
         .arg(letter.group)
         .arg(letter.id)
         .arg(letter.consumer)

@@ -107,7 +107,8 @@ impl HttpServer {
 
     /// Starts `workers` threads named `<name>-N` that answer requests with
     /// `handle`, each with a heartbeat in `beats` (it beats at least every
-    /// 200 ms while idle). They stop when `shutdown` fires.
+    /// 200 ms while idle; `handle` gets it to report progress on long
+    /// work). They stop when `shutdown` fires.
     pub fn spawn_workers<H>(
         self: &Arc<Self>,
         name: &str,
@@ -117,7 +118,7 @@ impl HttpServer {
         handle: H,
     ) -> std::io::Result<Vec<JoinHandle<()>>>
     where
-        H: Fn(Request) + Send + Sync + 'static,
+        H: Fn(Request, &Heartbeat) + Send + Sync + 'static,
     {
         let handle = Arc::new(handle);
         (1..=workers)
@@ -135,12 +136,12 @@ impl HttpServer {
         &self,
         shutdown: &Receiver<()>,
         beat: &Heartbeat,
-        handle: &(dyn Fn(Request) + Send + Sync),
+        handle: &(dyn Fn(Request, &Heartbeat) + Send + Sync),
     ) {
         while !crate::shutdown::is_started(shutdown) {
             beat.beat();
             match self.server.recv_timeout(Duration::from_millis(200)) {
-                Ok(Some(request)) => handle(request),
+                Ok(Some(request)) => handle(request, beat),
                 Ok(None) => {}
                 Err(e) => log::warn!("HTTP server: {e}"),
             }

@@ -6,7 +6,10 @@
 //! batch of `XADD`s (one round trip however many orders), answers every
 //! request with its own entry ID, and goes on while orders keep queueing;
 //! then it returns to HTTP. While a write is in flight, new orders just
-//! queue and ride the next batch. At most as many writers as there are
+//! queue and ride the next batch. A writer works in turns of at most
+//! [`TURN_BATCHES`] batches or [`TURN_TIME`], and between turns reports
+//! progress to the watchdog and yields the CPU: however long the queue
+//! keeps refilling, its heartbeat never waits for more than one turn. At most as many writers as there are
 //! Redis connections ([`Producer::new`]'s `writers`) run at once.
 //!
 //! Writing on the worker, not on a writer thread of its own, saves a thread
@@ -29,6 +32,7 @@ use tiny_http::Request;
 
 use crate::connection::{Link, Redis};
 use crate::http;
+use crate::notify::Heartbeat;
 use crate::record::Order;
 use crate::topology::{self, ORDER_EVENTS};
 
@@ -36,6 +40,11 @@ use crate::topology::{self, ORDER_EVENTS};
 pub const MAX_BATCH: usize = 256;
 /// Orders that may wait for a writer; past this, `503` at once.
 const QUEUE: usize = 4096;
+/// Most batches a writer writes before it reports progress and yields.
+pub const TURN_BATCHES: usize = 8;
+/// Longest a writer starts new batches before it reports progress and
+/// yields.
+pub const TURN_TIME: Duration = Duration::from_millis(50);
 
 /// An accepted order waiting to be written, and the request to answer.
 struct Job {
@@ -90,8 +99,9 @@ impl Producer {
 
     /// Queues `order`; its request is answered with `status` and the entry
     /// ID, or `503`. Returns once the order is queued, or after writing it
-    /// (and whatever queued meanwhile) if no write was in flight.
-    pub fn submit(&self, order: Order, request: Request, status: u16) {
+    /// (and whatever queued meanwhile) if no write was in flight; `beat`
+    /// is the calling thread's heartbeat, beaten between writer turns.
+    pub fn submit(&self, order: Order, request: Request, status: u16, beat: &Heartbeat) {
         let job = Job {
             order,
             request,
@@ -111,18 +121,37 @@ impl Producer {
             state.idle_links.pop()
         };
         if let Some(link) = link {
-            self.write_while_queued(link);
+            self.write_while_queued(link, beat);
         }
     }
 
-    /// Writes batches until the queue is empty, then gives `link` back.
-    fn write_while_queued(&self, mut link: Link) {
+    /// Writes batches until the queue is empty, then gives `link` back;
+    /// in turns, with a beat and a yield between them.
+    fn write_while_queued(&self, mut link: Link, beat: &Heartbeat) {
         loop {
+            beat.beat();
+            match self.write_turn(link) {
+                Some(back) => link = back,
+                None => return,
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// One writer turn: at most [`TURN_BATCHES`] batches, none started
+    /// after [`TURN_TIME`]. Returns the link if orders are still queued,
+    /// `None` once the queue was empty and the link given back.
+    fn write_turn(&self, mut link: Link) -> Option<Link> {
+        let turn_ends = Instant::now() + TURN_TIME;
+        for _ in 0..TURN_BATCHES {
+            if Instant::now() >= turn_ends {
+                break;
+            }
             let batch: Vec<Job> = {
                 let mut state = self.lock();
                 if state.jobs.is_empty() {
                     state.idle_links.push(link);
-                    return;
+                    return None;
                 }
                 let n = state.jobs.len().min(MAX_BATCH);
                 state.jobs.drain(..n).collect()
@@ -140,6 +169,7 @@ impl Producer {
                 write_batch(&mut link, live);
             }
         }
+        Some(link)
     }
 }
 

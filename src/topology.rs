@@ -77,6 +77,25 @@ pub fn dlq_stream(stream: &str) -> String {
     format!("{stream}:dlq")
 }
 
+/// The hash in which `group`'s failed deliveries of `stream` entries are
+/// counted (field: entry ID, value: failures so far):
+/// `<stream>:failures:<group>`. Only a handler that tried and failed adds
+/// to it; a reconnect, a restart or a claim does not. The count is removed
+/// when the entry is acknowledged or dead-lettered. With a hash tag in the
+/// stream name (`order-events:{0}`) it lives in the stream's slot.
+///
+/// ```
+/// use streamline::topology::{failures_key, NOTIFICATION_GROUP, ORDER_EVENTS};
+///
+/// assert_eq!(
+///     failures_key(ORDER_EVENTS, NOTIFICATION_GROUP),
+///     "order-events:failures:notification-service-group"
+/// );
+/// ```
+pub fn failures_key(stream: &str, group: &str) -> String {
+    format!("{stream}:failures:{group}")
+}
+
 /// Creates every group of the topology that does not exist yet (and its
 /// stream), at ID `0`. `BUSYGROUP` (the group exists) is success.
 pub fn ensure_groups(conn: &mut Connection) -> Result<(), RedisError> {

@@ -146,7 +146,7 @@ pub fn spawn_ops_http(
     beats: &notify::Heartbeats,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
     let (ready, metrics) = (probe.clone(), probe.clone());
-    server.spawn_workers("http", 2, shutdown, beats, move |request| {
+    server.spawn_workers("http", 2, shutdown, beats, move |request, _beat| {
         if let Some(request) =
             crate::http::ops_route(request, || ready.ready(), || metrics.metrics())
         {

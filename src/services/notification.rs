@@ -7,7 +7,10 @@
 //! more than once (a crash after the POST, before the acknowledgement), and
 //! the key lets the receiver drop the repeat. A non-2xx answer or a timeout
 //! is a failed delivery: the entry stays pending, is retried after
-//! `CLAIM_IDLE_MS`, and dead-lettered after `MAX_DELIVERIES`.
+//! `CLAIM_IDLE_MS`, and dead-lettered after `MAX_DELIVERIES` failures. A slow
+//! receiver is not a failing one: calls are made one by one, each reported
+//! as progress to the watchdog, and a batch stops starting calls after its
+//! budget (the rest wait for the thread's next turn, uncounted).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +21,7 @@ use serde_json::{json, Value as Json};
 
 use super::{run_consumer, Consumer, ServiceError};
 use crate::config::Config;
-use crate::consumer::{Delivery, Failure, Handler, Outcome, Subscription};
+use crate::consumer::{Delivery, Failure, Handler, Outcome, Progress, Subscription};
 use crate::record::{Order, Payment};
 use crate::topology::{NOTIFICATION_GROUP, ORDER_EVENTS, PAYMENT_EVENTS};
 
@@ -98,8 +101,19 @@ impl Handler for Notifications {
         &self,
         _conn: &mut Connection,
         batch: &[Delivery],
+        progress: &Progress<'_>,
     ) -> Result<Vec<Outcome>, RedisError> {
-        Ok(batch.iter().map(|d| self.notify(d)).collect())
+        // One webhook call at a time, reporting progress before each, and
+        // none started once the batch's time is up or the service stops.
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for (i, d) in batch.iter().enumerate() {
+            if !progress.may_start(i) {
+                break;
+            }
+            outcomes.push(self.notify(d));
+        }
+        outcomes.resize(batch.len(), Outcome::NotTried);
+        Ok(outcomes)
     }
 }
 

@@ -71,22 +71,22 @@ fn spawn_http(
     beats: &notify::Heartbeats,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
     let probe = probe.clone();
-    server.spawn_workers("http", workers, shutdown, beats, move |request| {
+    server.spawn_workers("http", workers, shutdown, beats, move |request, beat| {
         if let Some(request) = http::ops_route(request, || probe.ready(), || probe.metrics()) {
-            route(request, &producer);
+            route(request, &producer, beat);
         }
     })
 }
 
-fn route(mut request: Request, producer: &Producer) {
+fn route(mut request: Request, producer: &Producer, beat: &notify::Heartbeat) {
     let method = request.method().clone();
     match (http::path(request.url()), method) {
         ("/order", Method::Get) => match order_from_query(request.url()) {
-            Ok(order) => producer.submit(order, request, 200),
+            Ok(order) => producer.submit(order, request, 200, beat),
             Err(e) => http::respond(request, http::error(400, &e)),
         },
         ("/orders", Method::Post) => match order_from_body(&mut request) {
-            Ok(order) => producer.submit(order, request, 201),
+            Ok(order) => producer.submit(order, request, 201, beat),
             Err((status, e)) => http::respond(request, http::error(status, &e)),
         },
         ("/order", _) => method_not_allowed(request, "GET"),

@@ -22,7 +22,7 @@ use redis::{Connection, RedisError, Script, Value};
 
 use super::{run_consumer, Consumer, ServiceError};
 use crate::config::Config;
-use crate::consumer::{Delivery, Failure, Handler, Outcome, Subscription};
+use crate::consumer::{Delivery, Failure, Handler, Outcome, Progress, Subscription};
 use crate::record::Order;
 use crate::topology::{ORDER_EVENTS, PAYMENT_EVENTS, PAYMENT_GROUP};
 
@@ -68,6 +68,7 @@ impl Handler for Payments {
         &self,
         conn: &mut Connection,
         batch: &[Delivery],
+        _progress: &Progress<'_>,
     ) -> Result<Vec<Outcome>, RedisError> {
         let orders: Vec<Result<Order, String>> = batch
             .iter()

@@ -11,8 +11,7 @@ use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
 use crate::support::flow::{
-    ms, xadd_orders_range, xlen, xrange, Notified, DEADLINE, ORDER_DLQ, ORDER_EVENTS,
-    PAYMENT_DLQ,
+    ms, xadd_orders_range, xlen, xrange, Notified, DEADLINE, ORDER_DLQ, ORDER_EVENTS, PAYMENT_DLQ,
 };
 use crate::support::{RedisServer, Service, TempDir, WebhookSink};
 
@@ -135,13 +134,15 @@ fn a_slow_webhook_receiver_neither_starves_the_watchdog_nor_delays_a_stop() {
     });
     let drained_in = started.elapsed();
     let silence = systemd.longest_silence(Instant::now());
-    notification.check(silence < WATCHDOG, || {
-        format!(
+    // Every figure is measured before anything is judged.
+    let mut problems = Vec::new();
+    if silence >= WATCHDOG {
+        problems.push(format!(
             "systemd went {} ms without WATCHDOG=1 (WatchdogSec {} ms) while notifying {FIRST} orders",
             ms(silence),
             ms(WATCHDOG)
-        )
-    });
+        ));
+    }
 
     // A stop in the middle of a long queue of slow calls.
     ids.extend(xadd_orders_range(&mut conn, "slow", FIRST..FIRST + SECOND));
@@ -153,12 +154,12 @@ fn a_slow_webhook_receiver_neither_starves_the_watchdog_nor_delays_a_stop() {
     let status = notification.wait_exit(DEADLINE);
     let stopped_in = asked.elapsed();
     notification.check(status.success(), || format!("exit status {status}"));
-    notification.check(stopped_in < WATCHDOG, || {
-        format!(
+    if stopped_in >= WATCHDOG {
+        problems.push(format!(
             "SIGTERM took {} ms with a slow receiver",
             ms(stopped_in)
-        )
-    });
+        ));
+    }
 
     // What was not notified before the stop is after the restart.
     notification.restart();
@@ -178,11 +179,15 @@ fn a_slow_webhook_receiver_neither_starves_the_watchdog_nor_delays_a_stop() {
         systemd.receive();
     }
     let notified = Notified::check(&sink.accepted(), &orders, &[]);
-    assert!(notified.complete(), "{notified}");
+    if !notified.complete() {
+        problems.push(format!("{notified}"));
+    }
     let dead = xlen(&mut conn, ORDER_DLQ) + xlen(&mut conn, PAYMENT_DLQ);
-    notification.check(dead == 0, || format!("{dead} dead letters"));
+    if dead > 0 {
+        problems.push(format!("{dead} dead letters"));
+    }
     let failed = sink.received().iter().filter(|r| !r.accepted()).count();
-    println!(
+    let summary = format!(
         "orders={} receiver_delay={}ms watchdog={}ms longest_watchdog_silence={}ms first_{FIRST}_notified_in={}ms sigterm_stop={}ms dead_letters={dead} failed_calls={failed} {notified}",
         ids.len(),
         ms(SLOW),
@@ -191,4 +196,8 @@ fn a_slow_webhook_receiver_neither_starves_the_watchdog_nor_delays_a_stop() {
         ms(drained_in),
         ms(stopped_in),
     );
+    println!("{summary}");
+    notification.check(problems.is_empty(), || {
+        format!("{}\n{summary}", problems.join("\n"))
+    });
 }
