@@ -36,8 +36,9 @@
 //!   a claim or a re-read of our own pending entries that returns an entry a
 //!   handler holds, or finished while the read was on its way, skips it.
 //! * Shutdown: readers stop reading and hand over what they already read;
-//!   handlers keep handling for at most [`STOP_GRACE`] (checked between
-//!   deliveries), acknowledge what they finished, leave the rest pending for
+//!   handlers keep handling for at most [`STOP_GRACE`] while deliveries are
+//!   quick (checked between deliveries; one slower than [`SLOW_AT_STOP`]
+//!   ends it), acknowledge what they finished, leave the rest pending for
 //!   the next start, and exit when the channel is disconnected.
 
 use std::cell::Cell;
@@ -140,7 +141,11 @@ pub trait Handler: Send + Sync + 'static {
 
 /// Longest a handler thread keeps starting deliveries once shutdown has
 /// begun; what is left stays pending for the next start.
-pub const STOP_GRACE: Duration = Duration::from_secs(1);
+pub const STOP_GRACE: Duration = Duration::from_secs(2);
+/// A delivery that took longer than this ends the [`STOP_GRACE`] at once:
+/// work in hand is finished at a stop while it is quick, not when every
+/// delivery waits on a slow receiver.
+pub const SLOW_AT_STOP: Duration = Duration::from_millis(100);
 
 /// A batch's progress: the handler thread's heartbeat, its time budget and
 /// shutdown.
@@ -149,6 +154,7 @@ pub struct Progress<'a> {
     deadline: Instant,
     shutdown: &'a Receiver<()>,
     stop_by: Cell<Option<Instant>>,
+    last_start: Cell<Option<Instant>>,
 }
 
 impl Progress<'_> {
@@ -161,9 +167,19 @@ impl Progress<'_> {
         if crate::shutdown::is_started(self.shutdown) && self.stop_by.get().is_none() {
             self.stop_by.set(Some(now + STOP_GRACE));
         }
-        if self.stop_by.get().is_some_and(|t| now >= t) {
-            return false;
+        if let Some(stop_by) = self.stop_by.get() {
+            let slow = self
+                .last_start
+                .get()
+                .is_some_and(|t| now - t > SLOW_AT_STOP);
+            if slow {
+                self.stop_by.set(Some(now));
+            }
+            if slow || now >= stop_by {
+                return false;
+            }
         }
+        self.last_start.set(Some(now));
         i == 0 || now < self.deadline
     }
 }
@@ -741,6 +757,7 @@ impl Worker {
                 deadline: started + self.settings.batch_budget,
                 shutdown: &self.shutdown,
                 stop_by: Cell::new(self.stop_by),
+                last_start: Cell::new(None),
             };
             let result = self.link.run(|c| handler.handle(c, batch, &progress));
             self.stop_by = progress.stop_by.get();
