@@ -972,6 +972,47 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_budget_stays_well_below_the_watchdog_and_the_claim_idle_time() {
+        let s = Duration::from_secs;
+        // Shipped: WatchdogSec=30s, CLAIM_IDLE_MS=30000.
+        assert_eq!(batch_budget(s(30), Some(s(30))), s(2));
+        // As the tests run it: WATCHDOG_USEC=5000000.
+        assert_eq!(batch_budget(s(30), Some(s(5))), Duration::from_millis(1250));
+        assert_eq!(batch_budget(s(1), None), Duration::from_millis(250));
+        assert_eq!(
+            batch_budget(Duration::from_millis(1), None),
+            Duration::from_millis(10)
+        );
+    }
+
+    #[test]
+    fn an_entry_is_dispatched_on_one_path_at_a_time() {
+        let sub = Subscription {
+            stream: "order-events",
+            group: "g",
+        };
+        let key = |id: &str| (sub, id.to_string());
+        let mut t = Tracker::default();
+        let before = t.epoch;
+        assert!(t.may_dispatch(&key("1-0"), before));
+        t.held.insert(key("1-0"));
+        assert!(!t.may_dispatch(&key("1-0"), before), "held by a handler");
+        t.finish(key("1-0"));
+        assert!(
+            !t.may_dispatch(&key("1-0"), before),
+            "finished while a read sent before was on its way"
+        );
+        assert!(
+            t.may_dispatch(&key("1-0"), t.epoch),
+            "a read sent after it finished may see it again (a retry)"
+        );
+        t.prune(sub, t.epoch);
+        assert!(t.finished.is_empty());
+        t.finish(key("2-0"));
+        assert_eq!(t.epoch, 1, "letting go of what is not held is no finish");
+    }
+
+    #[test]
     fn parses_xreadgroup_replies() {
         let reply = Value::Array(vec![Value::Array(vec![
             bulk("order-events"),
