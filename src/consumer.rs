@@ -797,12 +797,16 @@ impl Worker {
                     return Vec::new();
                 }
                 Err(e) => {
-                    // Not a fault of the link: the handler failed on these.
-                    let outcomes = batch
-                        .iter()
-                        .map(|_| Failure::transient(format!("Redis refused the handler: {e}")))
-                        .collect();
-                    return self.settle(batch, outcomes);
+                    // Redis refused (out of memory, a read-only replica
+                    // after a failover, a missing permission): a fault of
+                    // Redis, not of these entries, so not counted.
+                    log::error!(
+                        "{}: handling {} entries failed, they stay pending for a retry: {e}",
+                        sub.stream,
+                        batch.len()
+                    );
+                    metrics::events(sub.stream, sub.group, "failed", batch.len() as u64);
+                    return Vec::new();
                 }
             }
         }
