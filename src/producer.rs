@@ -6,11 +6,14 @@
 //! batch of `XADD`s (one round trip however many orders), answers every
 //! request with its own entry ID, and goes on while orders keep queueing;
 //! then it returns to HTTP. While a write is in flight, new orders just
-//! queue and ride the next batch. A writer works in turns of at most
-//! [`TURN_BATCHES`] batches or [`TURN_TIME`], and between turns reports
-//! progress to the watchdog and yields the CPU: however long the queue
-//! keeps refilling, its heartbeat never waits for more than one turn. At most as many writers as there are
+//! queue and ride the next batch. At most as many writers as there are
 //! Redis connections ([`Producer::new`]'s `writers`) run at once.
+//!
+//! A writer works in turns: at most [`TURN_BATCHES`] batches, none started
+//! after [`TURN_TIME`]; between turns it reports progress to the watchdog
+//! and yields the CPU. However long the queue keeps refilling, its
+//! heartbeat waits at most one turn (the last batch of a turn is bounded by
+//! the link's read timeout, half the request timeout), by construction.
 //!
 //! Writing on the worker, not on a writer thread of its own, saves a thread
 //! hand-off per order, the largest cost on a small host (see
