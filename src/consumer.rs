@@ -37,8 +37,9 @@
 //!   handler holds, or finished while the read was on its way, skips it.
 //! * Shutdown: readers stop reading and hand over what they already read;
 //!   handlers keep handling for at most [`STOP_GRACE`] while deliveries are
-//!   quick (checked between deliveries; one slower than [`SLOW_AT_STOP`]
-//!   ends it), acknowledge what they finished, leave the rest pending for
+//!   quick (checked between deliveries; one started after the signal and
+//!   slower than [`SLOW_AT_STOP`] ends it), acknowledge what they finished
+//!   (on a new connection if a dropped one fails), leave the rest pending for
 //!   the next start, and exit when the channel is disconnected.
 
 use std::cell::Cell;
@@ -142,10 +143,13 @@ pub trait Handler: Send + Sync + 'static {
 /// Longest a handler thread keeps starting deliveries once shutdown has
 /// begun; what is left stays pending for the next start.
 pub const STOP_GRACE: Duration = Duration::from_secs(2);
+/// Attempts at acknowledging finished work (or dead-lettering) when
+/// connections keep being dropped; each on a new connection.
+const IDEMPOTENT_ATTEMPTS: u32 = 3;
 /// A delivery that took longer than this ends the [`STOP_GRACE`] at once:
 /// work in hand is finished at a stop while it is quick, not when every
 /// delivery waits on a slow receiver.
-pub const SLOW_AT_STOP: Duration = Duration::from_millis(100);
+pub const SLOW_AT_STOP: Duration = Duration::from_millis(300);
 
 /// A batch's progress: the handler thread's heartbeat, its time budget and
 /// shutdown.
@@ -168,10 +172,14 @@ impl Progress<'_> {
             self.stop_by.set(Some(now + STOP_GRACE));
         }
         if let Some(stop_by) = self.stop_by.get() {
+            // Only a delivery started after the stop began tells how quick
+            // the receiver is now: the one in progress at SIGTERM may have
+            // waited on anything.
+            let stop_began = stop_by - STOP_GRACE;
             let slow = self
                 .last_start
                 .get()
-                .is_some_and(|t| now - t > SLOW_AT_STOP);
+                .is_some_and(|t| t >= stop_began && now - t > SLOW_AT_STOP);
             if slow {
                 self.stop_by.set(Some(now));
             }
@@ -915,19 +923,26 @@ impl Worker {
         retried
     }
 
-    /// Runs `f`, which is safe to repeat, once more on a new connection if
-    /// the first attempt lost the connection: a dropped link must not turn
-    /// finished work into a redelivery (a repeated webhook call).
+    /// Runs `f`, which is safe to repeat, again on a new connection (up to
+    /// [`IDEMPOTENT_ATTEMPTS`] in all) while attempts lose the connection:
+    /// a dropped link must not turn finished work into a redelivery (a
+    /// repeated webhook call).
     fn run_idempotent<T>(
         &mut self,
         f: impl Fn(&mut Connection) -> Result<T, RedisError>,
     ) -> Result<T, RedisError> {
-        match self.link.run(&f) {
-            Err(e) if crate::connection::is_connection_error(&e) => {
-                self.link.skip_backoff();
-                self.link.run(&f)
+        let mut attempt = 1;
+        loop {
+            match self.link.run(&f) {
+                Err(e)
+                    if crate::connection::is_connection_error(&e)
+                        && attempt < IDEMPOTENT_ATTEMPTS =>
+                {
+                    attempt += 1;
+                    self.link.skip_backoff();
+                }
+                other => return other,
             }
-            other => other,
         }
     }
 

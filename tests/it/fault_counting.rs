@@ -105,7 +105,15 @@ fn dropped_connections_never_dead_letter_a_healthy_entry() {
     // A dropped link costs a reconnect, not a repeated webhook call: the
     // acknowledgement of finished work is tried again on a new connection.
     notification.check(notified.duplicates == 0, || {
-        format!("notified more than once: {summary}")
+        let mut seen = std::collections::HashSet::new();
+        let again: Vec<String> = sink
+            .accepted()
+            .iter()
+            .filter_map(|r| r.idempotency_key.clone())
+            .filter(|k| !seen.insert(k.clone()))
+            .take(5)
+            .collect();
+        format!("notified more than once ({again:?}): {summary}")
     });
     assert!(
         orders.len() >= 10 && accepted > 0,
