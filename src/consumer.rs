@@ -67,6 +67,10 @@ pub enum Outcome {
     /// Done, and already acknowledged by the handler in the same atomic
     /// step as its work.
     DoneAndAcked,
+    /// Done before, by another route (a second payment for an order already
+    /// paid): refused and acknowledged by the handler in one atomic step.
+    /// Counted as outcome `duplicate`.
+    Duplicate,
     /// Not done.
     Failed(Failure),
 }
@@ -122,6 +126,8 @@ pub struct Settings {
     pub claim_idle: Duration,
     /// Deliveries after which a failing entry is dead-lettered.
     pub max_deliveries: u64,
+    /// Dead letters kept per `<stream>:dlq` (`DLQ_RETAIN_ENTRIES`).
+    pub dlq_retain: u64,
 }
 
 impl Settings {
@@ -134,6 +140,7 @@ impl Settings {
             block: config.block,
             claim_idle: config.claim_idle,
             max_deliveries: config.max_deliveries,
+            dlq_retain: config.dlq_retain_entries,
         }
     }
 
@@ -531,6 +538,7 @@ impl Worker {
     }
 
     fn process(&mut self, batch: Vec<Delivery>) {
+        let batch = self.skip_redrives_for_others(batch);
         let (over, batch): (Vec<_>, Vec<_>) = batch
             .into_iter()
             .partition(|d| d.deliveries > self.settings.max_deliveries);
@@ -548,6 +556,48 @@ impl Worker {
         for d in over.iter().chain(&batch) {
             in_flight.remove(&(d.sub, d.id.clone()));
         }
+    }
+
+    /// Acknowledges, without handling, the redriven entries meant for other
+    /// groups (see [`crate::dlq`]): this group handled the original already.
+    /// Returns the rest. Left pending if the acknowledgement fails: they
+    /// come back and are skipped then.
+    fn skip_redrives_for_others(&mut self, batch: Vec<Delivery>) -> Vec<Delivery> {
+        let (skip, rest): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .partition(|d| dlq::is_for_other_group(&d.fields, d.sub.group));
+        if let Some(first) = skip.first() {
+            let sub = first.sub;
+            let ids: Vec<&str> = skip.iter().map(|d| d.id.as_str()).collect();
+            let acked = self.link.run(|c| {
+                redis::cmd("XACK")
+                    .arg(sub.stream)
+                    .arg(sub.group)
+                    .arg(&ids)
+                    .query::<i64>(c)
+            });
+            match acked {
+                Ok(_) => {
+                    log::info!(
+                        "{}/{}: skipped {} redriven entries meant for other groups",
+                        sub.stream,
+                        sub.group,
+                        ids.len()
+                    );
+                    metrics::events(sub.stream, sub.group, "skipped", ids.len() as u64);
+                }
+                Err(e) => log::warn!(
+                    "{}: could not acknowledge {} redriven entries of other groups: {e}",
+                    sub.stream,
+                    ids.len()
+                ),
+            }
+            let mut in_flight = lock(&self.in_flight);
+            for d in &skip {
+                in_flight.remove(&(d.sub, d.id.clone()));
+            }
+        }
+        rest
     }
 
     fn handle(&mut self, batch: &[Delivery]) {
@@ -616,11 +666,12 @@ impl Worker {
     fn settle(&mut self, batch: &[Delivery], outcomes: Vec<Outcome>) {
         let sub = batch[0].sub;
         let mut to_ack = Vec::new();
-        let (mut ok, mut failed) = (0, 0);
+        let (mut ok, mut failed, mut duplicate) = (0, 0, 0);
         for (d, outcome) in batch.iter().zip(outcomes) {
             match outcome {
                 Outcome::Done => to_ack.push(d.id.as_str()),
                 Outcome::DoneAndAcked => ok += 1,
+                Outcome::Duplicate => duplicate += 1,
                 Outcome::Failed(f)
                     if f.permanent || d.deliveries >= self.settings.max_deliveries =>
                 {
@@ -663,6 +714,7 @@ impl Worker {
         }
         metrics::events(sub.stream, sub.group, "ok", ok);
         metrics::events(sub.stream, sub.group, "failed", failed);
+        metrics::events(sub.stream, sub.group, "duplicate", duplicate);
     }
 
     fn dead_letter(&mut self, d: &Delivery, reason: &str) {
@@ -674,9 +726,10 @@ impl Worker {
             fields: &d.fields,
             error: reason,
             deliveries: d.deliveries,
+            retain: self.settings.dlq_retain,
         };
         match self.link.run(|c| dlq::move_to_dlq(c, &letter)) {
-            Ok(true) => {
+            Ok(dlq::Moved::Written { evicted }) => {
                 log::warn!(
                     "{} {}: dead-lettered to {}: {reason}",
                     d.sub.stream,
@@ -685,8 +738,28 @@ impl Worker {
                 );
                 metrics::dead_lettered(d.sub.stream, d.sub.group);
                 metrics::events(d.sub.stream, d.sub.group, "dead_lettered", 1);
+                if evicted > 0 {
+                    // Once the DLQ is full this happens with every letter:
+                    // the metric is the place to watch, not the log.
+                    log::debug!(
+                        "{}: {evicted} oldest dead letters deleted to keep the newest {} (DLQ_RETAIN_ENTRIES)",
+                        topology::dlq_stream(d.sub.stream),
+                        self.settings.dlq_retain
+                    );
+                    metrics::dlq_evicted(d.sub.stream, evicted);
+                }
             }
-            Ok(false) => log::info!(
+            Ok(dlq::Moved::Joined) => {
+                log::warn!(
+                    "{} {}: given up by {} too; already in {}: {reason}",
+                    d.sub.stream,
+                    d.id,
+                    d.sub.group,
+                    topology::dlq_stream(d.sub.stream)
+                );
+                metrics::events(d.sub.stream, d.sub.group, "dead_lettered", 1);
+            }
+            Ok(dlq::Moved::NotPending) => log::info!(
                 "{} {}: already handled elsewhere; not dead-lettered",
                 d.sub.stream,
                 d.id
