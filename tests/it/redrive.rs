@@ -1,0 +1,341 @@
+//! Dead letters put back, and what must not happen twice (issue 10, item 3
+//! and the DLQ part of item 5): a redriven entry reaches only the groups
+//! that gave up on it, an order is never paid twice whatever the route, a
+//! dead letter is written once, `<stream>:dlq` keeps only its newest
+//! `DLQ_RETAIN_ENTRIES`, and a group that never reads holding trimming back
+//! is seen (log, metric, `streamctl status`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::Connection;
+use serde_json::Value;
+
+use crate::support::flow::{
+    describe_groups, drained, env, start_ready, xadd_orders, xadd_raw, xlen, xrange, Metrics,
+    RawEntry, DEADLINE, NOTIFICATION_GROUP, ORDER_DLQ, ORDER_EVENTS, PAYMENT_DLQ, PAYMENT_EVENTS,
+    PAYMENT_GROUP,
+};
+use crate::support::{run_to_exit, wait_until, Finished, RedisServer, Service, WebhookSink};
+
+/// Runs `streamctl --redis-url URL ARGS...` to its end; panics with the
+/// whole run unless it exits 0.
+fn streamctl(redis: &RedisServer, env: &[(&str, &str)], args: &[&str]) -> Finished {
+    let url = redis.url();
+    let mut all = vec!["--redis-url", url.as_str()];
+    all.extend_from_slice(args);
+    let run = run_to_exit("streamctl", env, &all, Duration::from_secs(30));
+    assert_eq!(run.status.code(), Some(0), "streamctl failed:\n{run}");
+    run
+}
+
+fn json(run: &Finished) -> Value {
+    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{run}"))
+}
+
+/// The payments in `payment-events`, per order ID: the `paymentProcessId`s
+/// written for it (a redriven copy of a payment repeats its ID).
+fn payments_per_order(conn: &mut Connection) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for p in xrange(conn, PAYMENT_EVENTS, "-", "+") {
+        out.entry(p.text("orderId").unwrap_or_default())
+            .or_default()
+            .insert(p.text("paymentProcessId").unwrap_or_default());
+    }
+    out
+}
+
+fn all_drained(conn: &mut Connection) -> bool {
+    drained(conn, ORDER_EVENTS, PAYMENT_GROUP)
+        && drained(conn, ORDER_EVENTS, NOTIFICATION_GROUP)
+        && drained(conn, PAYMENT_EVENTS, NOTIFICATION_GROUP)
+}
+
+/// The story of the issue: a webhook fails until 6 orders and their
+/// payments are dead-lettered by notification-service-group; the receiver
+/// is fixed and both DLQs are redriven. Each order is paid exactly once and
+/// notified (order and payment) at least once.
+#[test]
+fn a_redrive_after_a_webhook_outage_pays_every_order_once_and_notifies_every_one() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn();
+    let broken = Arc::new(AtomicBool::new(true));
+    let sink = {
+        let broken = broken.clone();
+        WebhookSink::options()
+            .fail_when(move |_| broken.load(Ordering::SeqCst))
+            .start()
+    };
+    let url = sink.url();
+    let settings = env(&[
+        ("MAX_DELIVERIES", "2"),
+        ("NOTIFY_WEBHOOK_URL", &url),
+        ("WEBHOOK_TIMEOUT_MS", "2000"),
+    ]);
+    let payment = start_ready("payment-service", &redis, &settings);
+    let notification = start_ready("notification-service", &redis, &settings);
+
+    let orders = xadd_orders(&mut conn, "redrive", 6);
+    wait_until(
+        "6 orders and their 6 payments are dead-lettered by notification-service-group",
+        DEADLINE,
+        || xlen(&mut conn, ORDER_DLQ) == 6 && xlen(&mut conn, PAYMENT_DLQ) == 6,
+    );
+    assert_eq!(xlen(&mut conn, PAYMENT_EVENTS), 6, "one payment per order");
+
+    broken.store(false, Ordering::SeqCst);
+    let first = streamctl(&redis, &[], &["--json", "dlq", "redrive", ORDER_EVENTS, "--all"]);
+    let second = streamctl(&redis, &[], &["--json", "dlq", "redrive", PAYMENT_EVENTS, "--all"]);
+    for run in [&first, &second] {
+        let report = json(run);
+        assert_eq!(report["redriven"].as_array().map(Vec::len), Some(6), "{run}");
+    }
+
+    // Every order and every payment notified, and nothing left to do.
+    let user_of: BTreeMap<String, String> = xrange(&mut conn, ORDER_EVENTS, "-", "+")
+        .iter()
+        .filter(|e| orders.contains(&e.id))
+        .map(|e| (e.id.clone(), e.text("userId").unwrap_or_default()))
+        .collect();
+    let notified = |kind: &str| -> BTreeSet<String> {
+        sink.accepted()
+            .iter()
+            .filter(|r| r.body["kind"] == kind)
+            .filter_map(|r| r.body["userId"].as_str().map(str::to_string))
+            .collect()
+    };
+    let users: BTreeSet<String> = user_of.values().cloned().collect();
+    wait_until(
+        "every order and every payment is notified and every group is drained",
+        DEADLINE,
+        || notified("order") == users && notified("payment") == users && all_drained(&mut conn),
+    );
+
+    let payments = payments_per_order(&mut conn);
+    let entries = xrange(&mut conn, PAYMENT_EVENTS, "-", "+");
+    let copies = entries.iter().filter(|e| e.get("redrivenFrom").is_some()).count();
+    let distinct: usize = payments.values().map(BTreeSet::len).sum();
+    println!(
+        "after the redrive: {} payment-events entries ({copies} of them redriven copies), \
+         {distinct} payments (distinct paymentProcessId) for {} orders",
+        entries.len(),
+        orders.len()
+    );
+    assert_eq!(
+        payments.keys().cloned().collect::<BTreeSet<_>>(),
+        orders.iter().cloned().collect::<BTreeSet<_>>(),
+        "payments name exactly the orders: {payments:?}"
+    );
+    for (order, ids) in &payments {
+        assert_eq!(ids.len(), 1, "order {order} paid {} times: {payments:?}", ids.len());
+    }
+    assert_eq!(entries.len() - copies, 6, "6 payments written, plus marked copies");
+
+    // The redriven orders went to notification-service-group only: payment
+    // acknowledged them without paying; the notification of each carries
+    // the key of the order first written, so a receiver can drop a repeat.
+    let copies_of_orders: Vec<RawEntry> = xrange(&mut conn, ORDER_EVENTS, "-", "+")
+        .into_iter()
+        .filter(|e| !orders.contains(&e.id))
+        .collect();
+    assert_eq!(copies_of_orders.len(), 6);
+    for copy in &copies_of_orders {
+        assert_eq!(
+            copy.text("redriveGroup").as_deref(),
+            Some(NOTIFICATION_GROUP)
+        );
+        let from = copy.text("redrivenFrom").unwrap_or_default();
+        assert!(orders.contains(&from), "redrivenFrom {from} is an order");
+        let key = format!("{ORDER_EVENTS}:{from}");
+        assert!(
+            sink.accepted()
+                .iter()
+                .any(|r| r.idempotency_key.as_deref() == Some(key.as_str())),
+            "no accepted notification with Idempotency-Key {key}"
+        );
+    }
+    let skipped = Metrics::of(&payment).sum(
+        "events_handled_total",
+        &["outcome=\"skipped\"", &format!("group=\"{PAYMENT_GROUP}\"")],
+    );
+    assert_eq!(skipped, 6.0, "payment-service skipped the 6 redriven orders");
+    drop(notification);
+}
+
+/// An order read again after its payment group was destroyed and recreated
+/// at `0` (as `XGROUP CREATE ... 0` after an operator's mistake, or Redis
+/// restored from an old snapshot) is not paid again.
+#[test]
+fn a_payment_group_destroyed_and_recreated_pays_nothing_again() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn();
+    let payment = start_ready("payment-service", &redis, &env(&[]));
+    let orders = xadd_orders(&mut conn, "recreate", 5);
+    wait_until("5 orders paid", DEADLINE, || {
+        xlen(&mut conn, PAYMENT_EVENTS) == 5 && drained(&mut conn, ORDER_EVENTS, PAYMENT_GROUP)
+    });
+
+    let destroyed: i64 = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(ORDER_EVENTS)
+        .arg(PAYMENT_GROUP)
+        .query(&mut conn)
+        .expect("XGROUP DESTROY");
+    assert_eq!(destroyed, 1);
+    let duplicates = || {
+        Metrics::of(&payment).sum(
+            "events_handled_total",
+            &["outcome=\"duplicate\"", &format!("group=\"{PAYMENT_GROUP}\"")],
+        )
+    };
+    wait_until(
+        "payment-service recreated its group and read the 5 orders again",
+        DEADLINE,
+        || duplicates() >= 5.0 && drained(&mut conn, ORDER_EVENTS, PAYMENT_GROUP),
+    );
+    let payments = payments_per_order(&mut conn);
+    println!(
+        "after XGROUP DESTROY and recreate: {} payments for {} orders, {} refused as duplicate",
+        xlen(&mut conn, PAYMENT_EVENTS),
+        orders.len(),
+        duplicates()
+    );
+    assert_eq!(xlen(&mut conn, PAYMENT_EVENTS), 5, "{payments:?}");
+    assert_eq!(payments.len(), 5, "{payments:?}");
+}
+
+/// 150 entries that can never succeed (no price), both groups running,
+/// `DLQ_RETAIN_ENTRIES=100`: each is dead-lettered once (not once per
+/// group), the DLQ keeps the newest 100, and the 50 deleted are counted.
+/// A redriven poison letter is for both groups that gave up on it.
+#[test]
+fn poison_entries_are_dead_lettered_once_and_the_dlq_keeps_the_newest() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn();
+    let settings = env(&[("DLQ_RETAIN_ENTRIES", "100")]);
+    let payment = start_ready("payment-service", &redis, &settings);
+    let notification = start_ready("notification-service", &redis, &settings);
+
+    let poison: Vec<String> = (0..150)
+        .map(|i| {
+            let user = format!("poison-u{i}");
+            xadd_raw(
+                &mut conn,
+                ORDER_EVENTS,
+                &[(b"userId", user.as_bytes()), (b"productId", b"p1")],
+            )
+        })
+        .collect();
+    wait_until("both groups have settled every poison entry", DEADLINE, || {
+        drained(&mut conn, ORDER_EVENTS, PAYMENT_GROUP)
+            && drained(&mut conn, ORDER_EVENTS, NOTIFICATION_GROUP)
+    });
+
+    let letters = xrange(&mut conn, ORDER_DLQ, "-", "+");
+    let sum = |name: &str| {
+        Metrics::of(&payment).sum(name, &[]) + Metrics::of(&notification).sum(name, &[])
+    };
+    println!(
+        "150 poison entries, 2 groups, DLQ_RETAIN_ENTRIES=100: {} dead letters kept, \
+         {} written, {} evicted",
+        letters.len(),
+        sum("dead_lettered_total"),
+        sum("dlq_evicted_total")
+    );
+    let kept: Vec<String> = letters
+        .iter()
+        .map(|l| l.text("originalId").unwrap_or_default())
+        .collect();
+    assert_eq!(kept, poison[50..], "the newest 100, once each, oldest first");
+    assert_eq!(sum("dead_lettered_total"), 150.0, "one letter per entry");
+    assert_eq!(sum("dlq_evicted_total"), 50.0);
+    let index: usize = redis::cmd("HLEN")
+        .arg("order-events:dlq:index")
+        .query(&mut conn)
+        .expect("HLEN");
+    assert_eq!(index, 100, "the index of the letters is bounded with them");
+
+    // Both groups gave up on the newest: redriven, it is for both.
+    let newest = letters.last().expect("a letter").id.clone();
+    let run = streamctl(
+        &redis,
+        &[],
+        &["--json", "dlq", "redrive", ORDER_EVENTS, "--id", &newest],
+    );
+    let report = json(&run);
+    let groups: BTreeSet<&str> = report["redriven"][0]["redriveGroup"]
+        .as_str()
+        .unwrap_or_default()
+        .split(',')
+        .collect();
+    assert_eq!(
+        groups,
+        BTreeSet::from([PAYMENT_GROUP, NOTIFICATION_GROUP]),
+        "{run}"
+    );
+}
+
+/// Only order-service and payment-service run: notification-service-group
+/// exists but nobody reads with it, so order-events cannot be trimmed to
+/// `RETAIN_ENTRIES`. That is logged, counted on `/metrics` and shown by
+/// `streamctl status`; and it ends when notification-service starts.
+#[test]
+fn trimming_held_back_by_a_group_that_never_reads_is_logged_counted_and_shown() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn();
+    let trim = env(&[("RETAIN_ENTRIES", "10"), ("TRIM_INTERVAL_MS", "200")]);
+    let order = start_ready("order-service", &redis, &trim);
+    let _payment = start_ready("payment-service", &redis, &env(&[]));
+    xadd_orders(&mut conn, "held", 50);
+    wait_until("payment-service paid the 50 orders", DEADLINE, || {
+        drained(&mut conn, ORDER_EVENTS, PAYMENT_GROUP)
+    });
+
+    let held = |svc: &Service| {
+        Metrics::of(svc).sum(
+            "trim_held_back_entries",
+            &[
+                "stream=\"order-events\"",
+                &format!("group=\"{NOTIFICATION_GROUP}\""),
+            ],
+        )
+    };
+    wait_until("order-service reports 40 entries held back", DEADLINE, || {
+        held(&order) == 40.0
+    });
+    assert_eq!(xlen(&mut conn, ORDER_EVENTS), 50, "nothing unread removed");
+    let log = order.log();
+    assert!(
+        log.contains("held back by group notification-service-group"),
+        "no log line says trimming is held back:\n{log}"
+    );
+    let status = streamctl(&redis, &[("RETAIN_ENTRIES", "10")], &["--json", "status"]);
+    let report = json(&status);
+    let orders = report["streams"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["stream"] == ORDER_EVENTS))
+        .unwrap_or_else(|| panic!("no order-events in {status}"));
+    assert_eq!(orders["trimHeldBack"]["group"], NOTIFICATION_GROUP, "{status}");
+    assert_eq!(orders["trimHeldBack"]["entries"], 40, "{status}");
+    let text = streamctl(&redis, &[("RETAIN_ENTRIES", "10")], &["status"]);
+    assert!(
+        text.stdout
+            .contains("trimming of order-events is held back by notification-service-group"),
+        "{text}"
+    );
+
+    let _notification = start_ready("notification-service", &redis, &env(&[]));
+    wait_until(
+        "order-events is trimmed to 10 once the group reads",
+        DEADLINE,
+        || xlen(&mut conn, ORDER_EVENTS) == 10 && held(&order) == 0.0,
+    );
+    let status = json(&streamctl(&redis, &[("RETAIN_ENTRIES", "10")], &["--json", "status"]));
+    assert!(
+        status["streams"][0]["trimHeldBack"].is_null(),
+        "{status:#}\n{}",
+        describe_groups(&mut conn)
+    );
+}
