@@ -1547,7 +1547,11 @@ fn redrive_entry(
         .arg(get("group").unwrap_or_default())
         .arg(first.as_deref().unwrap_or_default());
     let marks = [dlq::REDRIVE_GROUP.as_bytes(), dlq::REDRIVEN_FROM.as_bytes()];
-    for (k, v) in original.0.iter().filter(|(k, _)| !marks.contains(&k.as_slice())) {
+    for (k, v) in original
+        .0
+        .iter()
+        .filter(|(k, _)| !marks.contains(&k.as_slice()))
+    {
         call.arg(k.as_slice()).arg(v.as_slice());
     }
     let added: Option<(String, String)> = call
@@ -1705,6 +1709,10 @@ fn explain(plan: &trim::Trimmed, kept: u64, retain: u64) -> String {
             Some("0-0") | None => "a group has read nothing yet".into(),
             Some(b) => format!("a group has not read or acknowledged everything from {b} on"),
         },
+        other if other.starts_with("order still in ") => format!(
+            "keeps the payments of orders still in {} (their paid markers go with them)",
+            &other["order still in ".len()..]
+        ),
         other if other.starts_with("group ") => {
             format!("{other}: its entries are not known to be read")
         }
@@ -2062,8 +2070,11 @@ mod tests {
             removed: 0,
             bound: bound.map(str::to_string),
             reason: reason.into(),
+            held_back: None,
         };
         assert!(explain(&plan("ok", Some("5-0")), 10, 2).contains("from 5-0 on"));
+        let kept = explain(&plan("order still in order-events", Some("5-0")), 10, 2);
+        assert!(kept.contains("orders still in order-events"), "{kept}");
         assert!(explain(&plan("ok", Some("0-0")), 10, 2).contains("read nothing"));
         assert!(explain(&plan("ok", Some("5-0")), 2, 2).contains("newest 2"));
         assert!(explain(&plan("no stream", None), 0, 2).contains("does not exist"));

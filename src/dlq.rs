@@ -13,10 +13,14 @@
 //! refused by payment-service and by notification-service alike). The
 //! entry is written to the DLQ once: `<stream>:dlq:index` (a hash, field =
 //! the original entry ID) holds `<dead-letter ID>,<group>[,<group>...]`, the
-//! letter and every group that gave up on it. A group that finds the letter
-//! already there adds its name to the list and acknowledges, writing
-//! nothing. `streamctl dlq redrive` reads the list to know which groups the
-//! redriven entry is for.
+//! letter and every group that gave up on it. A group that finds the entry
+//! there adds its name to the list and acknowledges, writing nothing, even
+//! when the letter itself was evicted meanwhile (it was dead-lettered; a
+//! second letter would bring it back as the newest). `streamctl dlq
+//! redrive` reads the list to know which groups the redriven entry is for,
+//! and deletes the field. The index is bounded by the stream: trimming an
+//! entry deletes its field (see [`crate::trim`]); no group can give up on
+//! an entry that is gone.
 //!
 //! # Redriven entries
 //!
@@ -30,8 +34,8 @@
 //! # Bounded
 //!
 //! After each new letter the DLQ is cut to its newest `DLQ_RETAIN_ENTRIES`
-//! (the oldest letters are deleted with their index fields), in the same
-//! script; [`Moved::Written`] says how many were evicted.
+//! (`XTRIM MAXLEN =`), in the same script; [`Moved::Written`] says how many
+//! were evicted.
 
 use redis::{Connection, RedisError, Script};
 
@@ -52,13 +56,9 @@ pub const REDRIVE_GROUP: &str = "redriveGroup";
 /// Field of a redriven entry: the ID of the entry first written.
 pub const REDRIVEN_FROM: &str = "redrivenFrom";
 
-/// Most letters evicted by one new letter (after `DLQ_RETAIN_ENTRIES` was
-/// lowered, the DLQ shrinks over the next writes, never in one long call).
-const EVICT_CHUNK: u64 = 1000;
-
 /// KEYS[1] stream, KEYS[2] its DLQ, KEYS[3] the DLQ's index. ARGV[1] group,
 /// ARGV[2] entry ID, ARGV[3] consumer, ARGV[4] error, ARGV[5] deliveries,
-/// ARGV[6] letters kept, ARGV[7] eviction chunk, ARGV[8..] original fields.
+/// ARGV[6] letters kept, ARGV[7..] original fields.
 /// Returns {0} not pending, {1, evicted} written, {2} joined a letter
 /// another group wrote.
 const MOVE: &str = r#"
@@ -66,19 +66,17 @@ local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
 if #pending == 0 then return {0} end
 local known = redis.call('HGET', KEYS[3], ARGV[2])
 if known then
-  local letter = string.match(known, '^[^,]+')
-  if letter and #redis.call('XRANGE', KEYS[2], letter, letter) > 0 then
-    local listed = false
-    for g in string.gmatch(string.sub(known, #letter + 2), '[^,]+') do
-      if g == ARGV[1] then listed = true end
-    end
-    if not listed then redis.call('HSET', KEYS[3], ARGV[2], known .. ',' .. ARGV[1]) end
-    redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-    return {2}
+  local letter = string.match(known, '^[^,]+') or ''
+  local listed = false
+  for g in string.gmatch(string.sub(known, #letter + 2), '[^,]+') do
+    if g == ARGV[1] then listed = true end
   end
+  if not listed then redis.call('HSET', KEYS[3], ARGV[2], known .. ',' .. ARGV[1]) end
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+  return {2}
 end
 local fields = {}
-for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
 fields[#fields + 1] = 'originalId';     fields[#fields + 1] = ARGV[2]
 fields[#fields + 1] = 'originalStream'; fields[#fields + 1] = KEYS[1]
 fields[#fields + 1] = 'group';          fields[#fields + 1] = ARGV[1]
@@ -88,23 +86,7 @@ fields[#fields + 1] = 'deliveries';     fields[#fields + 1] = ARGV[5]
 local letter = redis.call('XADD', KEYS[2], '*', unpack(fields))
 redis.call('HSET', KEYS[3], ARGV[2], letter .. ',' .. ARGV[1])
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-local evicted = 0
-local over = redis.call('XLEN', KEYS[2]) - tonumber(ARGV[6])
-if over > 0 then
-  local old = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', math.min(over, tonumber(ARGV[7])))
-  for _, e in ipairs(old) do
-    local f = e[2]
-    for j = #f - 1, 1, -2 do
-      if f[j] == 'originalId' then
-        local v = redis.call('HGET', KEYS[3], f[j + 1])
-        if v and string.match(v, '^[^,]+') == e[1] then redis.call('HDEL', KEYS[3], f[j + 1]) end
-        break
-      end
-    end
-    evicted = evicted + redis.call('XDEL', KEYS[2], e[1])
-  end
-end
-return {1, evicted}
+return {1, redis.call('XTRIM', KEYS[2], 'MAXLEN', '=', ARGV[6])}
 "#;
 
 /// One entry to dead-letter.
@@ -139,7 +121,8 @@ pub enum Moved {
         evicted: u64,
     },
     /// Another group had dead-lettered it already: this group was added to
-    /// that letter, and the entry acknowledged.
+    /// that letter (or to the record of it, if it was evicted since), and
+    /// the entry acknowledged.
     Joined,
 }
 
@@ -156,8 +139,7 @@ pub fn move_to_dlq(conn: &mut Connection, letter: &DeadLetter<'_>) -> Result<Mov
         .arg(letter.consumer)
         .arg(letter.error)
         .arg(letter.deliveries)
-        .arg(letter.retain.max(1))
-        .arg(EVICT_CHUNK);
+        .arg(letter.retain.max(1));
     for (k, v) in &letter.fields.0 {
         invocation.arg(k.as_slice()).arg(v.as_slice());
     }

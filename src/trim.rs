@@ -25,6 +25,9 @@
 //! marker). Payments follow their orders, so this costs nothing while
 //! `order-events` is trimmed too.
 //!
+//! Trimming an entry also deletes its field in the index of dead letters
+//! (`<stream>:dlq:index`, see [`crate::dlq`]): that is what bounds it.
+//!
 //! Each call removes at most [`CHUNK`] entries, so Redis is never blocked for
 //! long; [`trim_stream`] repeats it until nothing more may go.
 
@@ -35,15 +38,16 @@ use crossbeam_channel::Receiver;
 use redis::{Connection, RedisError, Script};
 
 use crate::connection::{self, Link, Redis, COMMAND_TIMEOUT};
+use crate::metrics;
 use crate::services::payment::PAID_KEY;
 use crate::topology::{self, ORDER_EVENTS, PAYMENT_EVENTS};
-use crate::metrics;
 
 /// Most entries removed per script call.
 pub const CHUNK: u64 = 1000;
 
 /// KEYS[1] stream, KEYS[2] paid markers (or the stream again: none),
-/// KEYS[3] the stream the markers' orders are in; ARGV[1] retain, ARGV[2]
+/// KEYS[3] the stream the markers' orders are in, KEYS[4] the index of the
+/// stream's dead letters (a field per trimmed entry goes); ARGV[1] retain, ARGV[2]
 /// chunk, ARGV[3] dry run (1/0), ARGV[4] markers (1/0), ARGV[5..] the groups
 /// that must have acknowledged an entry.
 /// Returns {removed (or removable), bound ID or '', reason, holding group
@@ -116,6 +120,9 @@ local held = 0
 if holder ~= '' then held = len - retain - removable end
 if dry or removable == 0 then return {removable, bound, reason, holder, held} end
 for _, order in ipairs(paid) do redis.call('HDEL', KEYS[2], order) end
+if redis.call('HLEN', KEYS[4]) > 0 then
+  for i = 1, removable do redis.call('HDEL', KEYS[4], head[i][1]) end
+end
 return {redis.call('XTRIM', KEYS[1], 'MINID', bound), bound, reason, holder, held}
 "#;
 
@@ -147,6 +154,7 @@ pub fn trim_once(
     let mut call = script.key(stream);
     call.key(if markers { PAID_KEY } else { stream })
         .key(ORDER_EVENTS)
+        .key(topology::dlq_index(stream))
         .arg(retain)
         .arg(chunk)
         .arg(if dry_run { "1" } else { "0" })
@@ -206,7 +214,10 @@ pub fn spawn(
                 match link.run(|c| trim_stream(c, stream, retain)) {
                     Ok(pass) => {
                         if pass.removed > 0 {
-                            log::info!("trimmed {} acknowledged entries from {stream}", pass.removed);
+                            log::info!(
+                                "trimmed {} acknowledged entries from {stream}",
+                                pass.removed
+                            );
                         }
                         report_held_back(stream, retain, &pass.held_back, &mut reported);
                         metrics::trim_held_back(
