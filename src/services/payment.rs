@@ -27,7 +27,8 @@
 //! deletes the marker of each payment it removes, and never removes the
 //! payment of an order whose entry is still in `order-events` (see
 //! [`crate::trim`]), so an order that can still be read is never without
-//! its marker. About 74 bytes of Redis memory per marker.
+//! its marker. A marker costs about 107 bytes of Redis memory (10.7 MB
+//! per 100,000 paid orders, measured on Redis 7.0).
 //!
 //! `paymentProcessId` comes from `INCR` on [`SEQUENCE_KEY`] inside the same
 //! script: unique across restarts and instances (the seed's in-memory

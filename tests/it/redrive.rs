@@ -427,3 +427,55 @@ fn trimming_held_back_by_a_group_that_never_reads_is_logged_counted_and_shown() 
         describe_groups(&mut conn)
     );
 }
+
+/// The paid markers are bounded by the payments: trimming a payment
+/// deletes its order's marker, and a payment whose order is still in
+/// `order-events` is kept (that order could be read again).
+#[test]
+fn paid_markers_go_with_the_payments_trimmed_and_only_after_their_orders() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn();
+    let _payment = start_ready("payment-service", &redis, &env(&[]));
+    let _notification = start_ready("notification-service", &redis, &env(&[]));
+    xadd_orders(&mut conn, "markers", 20);
+    wait_until("20 orders paid and notified", DEADLINE, || {
+        xlen(&mut conn, PAYMENT_EVENTS) == 20 && all_drained(&mut conn)
+    });
+    let markers = |conn: &mut Connection| -> usize {
+        redis::cmd("HLEN")
+            .arg("payment-service:paid")
+            .query(conn)
+            .expect("HLEN")
+    };
+    assert_eq!(markers(&mut conn), 20);
+
+    let dry = json(&streamctl(
+        &redis,
+        &[],
+        &["--json", "trim", "--dry-run", "--retain", "0"],
+    ));
+    let payments = &dry["streams"][1];
+    assert_eq!(payments["stream"], PAYMENT_EVENTS, "{dry:#}");
+    assert_eq!(payments["removable"], 0, "orders still there: {dry:#}");
+    assert!(
+        payments["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("orders still in order-events"),
+        "{dry:#}"
+    );
+
+    // Trimming order-events first (as streamctl does, and order-service
+    // every TRIM_INTERVAL_MS) lets the payments and their markers go; the
+    // last order, which trimming always keeps, keeps its payment.
+    streamctl(&redis, &[], &["trim", "--retain", "0"]);
+    println!(
+        "after trimming: order-events {}, payment-events {}, markers {}",
+        xlen(&mut conn, ORDER_EVENTS),
+        xlen(&mut conn, PAYMENT_EVENTS),
+        markers(&mut conn)
+    );
+    assert_eq!(xlen(&mut conn, ORDER_EVENTS), 1);
+    assert_eq!(xlen(&mut conn, PAYMENT_EVENTS), 1);
+    assert_eq!(markers(&mut conn), 1);
+}
