@@ -757,6 +757,9 @@ impl Worker {
                     d.sub.group,
                     topology::dlq_stream(d.sub.stream)
                 );
+                // Dead-lettered for this group: counted as such, though
+                // the letter was written by the first group to give up.
+                metrics::dead_lettered(d.sub.stream, d.sub.group);
                 metrics::events(d.sub.stream, d.sub.group, "dead_lettered", 1);
             }
             Ok(dlq::Moved::NotPending) => log::info!(

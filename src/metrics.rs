@@ -73,7 +73,8 @@ pub fn redeliveries(stream: &str, group: &str, n: u64) {
     }
 }
 
-/// Counts one entry written to the dead-letter stream.
+/// Counts one entry the group dead-lettered (the letter is written once,
+/// by the first group to give up on the entry).
 pub fn dead_lettered(stream: &str, group: &str) {
     *lock(&registry().dead_lettered)
         .entry((stream.to_string(), group.to_string()))
