@@ -5,9 +5,10 @@
 //! `NOTIFY_WEBHOOK_URL` set it is also `POST`ed there as JSON with an
 //! `Idempotency-Key: <stream>:<entry ID>` header: an entry can be delivered
 //! more than once (a crash after the POST, before the acknowledgement), and
-//! the key lets the receiver drop the repeat (a redriven entry keeps the
-//! key of the entry first written, `redrivenFrom`). A non-2xx answer or a timeout
-//! is a failed delivery: the entry stays pending, is retried after
+//! the key lets the receiver drop the repeat. A redriven entry is a new
+//! entry with a key of its own, as the contract fixes the key; its
+//! `redrivenFrom` field names the entry first written. A non-2xx answer or
+//! a timeout is a failed delivery: the entry stays pending, is retried after
 //! `CLAIM_IDLE_MS`, and dead-lettered after `MAX_DELIVERIES`.
 
 use std::sync::Arc;
@@ -76,12 +77,7 @@ impl Notifications {
         };
         match &self.webhook {
             None => Outcome::Done,
-            Some((url, agent)) => {
-                // A redriven entry is the same event as the one first
-                // written: same key, so a receiver that got it drops it.
-                let id = crate::dlq::redriven_from(&d.fields).unwrap_or_else(|| d.id.clone());
-                post(agent, url, &format!("{}:{id}", d.sub.stream), &body)
-            }
+            Some((url, agent)) => post(agent, url, &format!("{}:{}", d.sub.stream, d.id), &body),
         }
     }
 }
