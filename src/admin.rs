@@ -70,7 +70,10 @@ pub struct Request {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// Every stream of the topology, its groups, consumers and dead letters.
-    Status,
+    Status {
+        /// Entries trimming keeps per stream (to tell what a group holds back).
+        retain: u64,
+    },
     /// The oldest pending entries of one group.
     Pending {
         /// The stream.
@@ -254,7 +257,7 @@ const OPTIONS: &[OptSpec] = &[
     OptSpec {
         name: "--retain",
         takes_value: true,
-        commands: Some(&["trim"]),
+        commands: Some(&["trim", "status"]),
     },
 ];
 
@@ -401,7 +404,11 @@ fn command(s: &Scanned, env: &dyn Fn(&str) -> Option<String>) -> Result<Command,
     };
     check_options(s, name)?;
     match name {
-        "status" => positional::<0>(name, args, "").map(|[]| Command::Status),
+        "status" => positional::<0>(name, args, "").and_then(|[]| {
+            Ok(Command::Status {
+                retain: retain(s, env)?,
+            })
+        }),
         "pending" => {
             let [stream, group] = positional(name, args, "<stream> <group>")?;
             Ok(Command::Pending {
@@ -549,10 +556,12 @@ pub fn help() -> String {
 Usage: {NAME} [OPTIONS] <COMMAND>
 
 Commands:
-  status
+  status [--retain N]
       Every stream of the topology: length, first and last ID; per group its
       lag, pending count, entries read, last delivered ID and consumers
-      (pending count, idle time); the length of each <stream>:dlq.
+      (pending count, idle time); the length of each <stream>:dlq; and a
+      group that holds trimming back (entries beyond the newest N it has not
+      read or acknowledged; N as for trim).
   pending <stream> <group> [--count N]
       The oldest pending entries of a group: ID, consumer, idle time and
       delivery count (default: 20 entries).
@@ -560,10 +569,12 @@ Commands:
       The oldest dead letters of <stream>:dlq: dead-letter ID, original ID,
       group, error, deliveries and the original fields (default: 20).
   dlq redrive <stream> (--id DLQ_ID ... | --all)
-      Puts dead letters back on <stream> with their original fields only,
+      Puts dead letters back on <stream> with their original fields,
       removing each from <stream>:dlq in the same atomic step. A redriven
-      entry is re-added as a NEW entry with a new ID: every group of
-      <stream> sees it again, not only the group that gave up on it.
+      entry is re-added as a NEW entry with a new ID, marked redriveGroup
+      (the groups that gave up on it) and redrivenFrom (the ID first
+      written): the other groups of <stream> acknowledge it without acting,
+      and payment-service never pays an order twice.
       --all takes the dead letters present when it starts (an entry that
       fails again is dead-lettered anew and stays there).
   trim [--dry-run] [--retain N]
@@ -710,7 +721,7 @@ pub fn run(req: &Request, out: &mut dyn Write) -> Result<(), Error> {
     let conn = &mut connect(req, timeout)?;
     let json = req.json;
     match &req.command {
-        Command::Status => emit(&status(conn, &req.redis_url)?, json, out),
+        Command::Status { retain } => emit(&status(conn, &req.redis_url, *retain)?, json, out),
         Command::Pending {
             stream,
             group,
@@ -790,6 +801,17 @@ struct StreamStatus {
     last_id: Option<String>,
     groups: Vec<GroupStatus>,
     dlq: DlqStatus,
+    /// A group that keeps trimming from reaching the newest `retain`.
+    trim_held_back: Option<HeldBack>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct HeldBack {
+    group: String,
+    /// Entries beyond `retain` that stay for it.
+    entries: u64,
+    retain: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -852,10 +874,10 @@ impl Info {
     }
 }
 
-fn status(conn: &mut Connection, url: &str) -> Result<StatusReport, Error> {
+fn status(conn: &mut Connection, url: &str, retain: u64) -> Result<StatusReport, Error> {
     let streams = TOPOLOGY
         .iter()
-        .map(|spec| stream_status(conn, spec))
+        .map(|spec| stream_status(conn, spec, retain))
         .collect::<Result<_, _>>()?;
     Ok(StatusReport {
         redis: redact(url),
@@ -863,7 +885,11 @@ fn status(conn: &mut Connection, url: &str) -> Result<StatusReport, Error> {
     })
 }
 
-fn stream_status(conn: &mut Connection, spec: &StreamSpec) -> Result<StreamStatus, Error> {
+fn stream_status(
+    conn: &mut Connection,
+    spec: &StreamSpec,
+    retain: u64,
+) -> Result<StreamStatus, Error> {
     let dlq_key = topology::dlq_stream(spec.stream);
     let dlq = DlqStatus {
         length: xlen(conn, &dlq_key)?,
@@ -894,7 +920,24 @@ fn stream_status(conn: &mut Connection, spec: &StreamSpec) -> Result<StreamStatu
         last_id: info.as_ref().and_then(|i| i.entry_id("last-entry")),
         groups,
         dlq,
+        trim_held_back: held_back(conn, spec.stream, retain)?,
     })
+}
+
+/// Which group keeps trimming of `stream` from its newest `retain`, if
+/// any: a dry run of one chunk, as the services trim. When a whole chunk is
+/// removable, trimming is under way and nothing is held back (yet).
+fn held_back(conn: &mut Connection, stream: &str, retain: u64) -> Result<Option<HeldBack>, Error> {
+    let plan = trim::trim_once(conn, stream, retain, trim::CHUNK, true)
+        .map_err(failed(format!("dry-run trim of {stream}")))?;
+    Ok(plan
+        .held_back
+        .filter(|_| plan.removed < trim::CHUNK)
+        .map(|(group, entries)| HeldBack {
+            group,
+            entries,
+            retain,
+        }))
 }
 
 /// The topology's groups of the stream (missing ones marked), then any other
@@ -1023,6 +1066,17 @@ impl Report for StatusReport {
         }
         let mut out = format!("Redis {}\n\n", self.redis);
         out.push_str(&streams.render());
+        for s in &self.streams {
+            if let Some(h) = &s.trim_held_back {
+                out.push_str(&format!(
+                    "trimming of {} is held back by {}: {} entries beyond the newest {} kept, not read or acknowledged by it\n",
+                    s.stream,
+                    h.group,
+                    h.entries,
+                    h.retain
+                ));
+            }
+        }
         out.push('\n');
         out.push_str(&groups.render());
         out.push('\n');
@@ -1338,16 +1392,39 @@ impl Report for DlqReport {
 // dlq redrive
 // ---------------------------------------------------------------------------
 
-/// Re-adds one dead letter to its stream and deletes it from the DLQ, both or
-/// neither. KEYS[1] the DLQ, KEYS[2] the stream; ARGV[1] the dead letter's
-/// ID, ARGV[2..] the original fields. Returns the new ID, or nil if the dead
-/// letter is gone (someone else redrove or deleted it since we read it: it
-/// must not be added twice).
+/// Re-adds one dead letter to its stream and deletes it from the DLQ (and
+/// its index), all or nothing. KEYS[1] the DLQ, KEYS[2] the stream, KEYS[3]
+/// the DLQ's index; ARGV[1] the dead letter's ID, ARGV[2] its original ID
+/// (or ''), ARGV[3] the group it names (or ''), ARGV[4] the ID first
+/// written (or ''), ARGV[5..] the original fields. The groups the entry is
+/// for come from the index (every group that gave up on it), else from the
+/// letter. Returns {new ID, groups}, or nil if the dead letter is gone
+/// (someone else redrove or deleted it since we read it: it must not be
+/// added twice).
 const REDRIVE: &str = r#"
 if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return false end
-local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+local groups = ARGV[3]
+if ARGV[2] ~= '' then
+  local known = redis.call('HGET', KEYS[3], ARGV[2])
+  if known then
+    local letter, rest = string.match(known, '^([^,]+),?(.*)$')
+    if letter == ARGV[1] then
+      if rest ~= '' then groups = rest end
+      redis.call('HDEL', KEYS[3], ARGV[2])
+    end
+  end
+end
+local fields = {}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+if groups ~= '' then
+  fields[#fields + 1] = 'redriveGroup'; fields[#fields + 1] = groups
+end
+if ARGV[4] ~= '' then
+  fields[#fields + 1] = 'redrivenFrom'; fields[#fields + 1] = ARGV[4]
+end
+local id = redis.call('XADD', KEYS[2], '*', unpack(fields))
 redis.call('XDEL', KEYS[1], ARGV[1])
-return id
+return {id, groups}
 "#;
 
 /// `dlq redrive`: what went back, what was not there, what was refused.
@@ -1367,6 +1444,10 @@ struct Redriven {
     dlq_id: String,
     original_id: Option<String>,
     new_id: String,
+    /// The groups it is for (`redriveGroup`); empty: every group.
+    redrive_group: String,
+    /// The ID first written (`redrivenFrom`).
+    redriven_from: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -1429,9 +1510,11 @@ fn redrive_all(conn: &mut Connection, report: &mut RedriveReport) -> Result<(), 
     }
 }
 
-/// Puts one dead letter back with its original fields only: the metadata we
-/// appended (original ID, error, ...) would otherwise become fields of a
-/// new order or payment.
+/// Puts one dead letter back with its original fields, marked for the
+/// groups that gave up on it (see [`crate::dlq`]): the metadata we appended
+/// (original ID, error, ...) would otherwise become fields of a new order
+/// or payment. Marks of an earlier redrive are replaced, `redrivenFrom`
+/// kept: it names the entry first written, whatever the number of rounds.
 fn redrive_entry(
     conn: &mut Connection,
     id: &str,
@@ -1453,20 +1536,34 @@ fn redrive_entry(
         report.skipped.push(skip(reason));
         return Ok(());
     }
+    let original_id = get("originalId");
+    let first = dlq::redriven_from(&original).or_else(|| original_id.clone());
     let script = Script::new(REDRIVE);
     let mut call = script.key(&report.dlq);
-    call.key(&report.stream).arg(id);
-    for (k, v) in &original.0 {
+    call.key(&report.stream)
+        .key(topology::dlq_index(&report.stream))
+        .arg(id)
+        .arg(original_id.as_deref().unwrap_or_default())
+        .arg(get("group").unwrap_or_default())
+        .arg(first.as_deref().unwrap_or_default());
+    let marks = [dlq::REDRIVE_GROUP.as_bytes(), dlq::REDRIVEN_FROM.as_bytes()];
+    for (k, v) in original
+        .0
+        .iter()
+        .filter(|(k, _)| !marks.contains(&k.as_slice()))
+    {
         call.arg(k.as_slice()).arg(v.as_slice());
     }
-    let new_id: Option<String> = call
+    let added: Option<(String, String)> = call
         .invoke(conn)
         .map_err(failed(format!("redriving {id} from {}", report.dlq)))?;
-    match new_id {
-        Some(new_id) => report.redriven.push(Redriven {
+    match added {
+        Some((new_id, redrive_group)) => report.redriven.push(Redriven {
             dlq_id: id.to_string(),
-            original_id: get("originalId"),
+            original_id,
             new_id,
+            redrive_group,
+            redriven_from: first,
         }),
         None => report.not_found.push(id.to_string()),
     }
@@ -1478,8 +1575,12 @@ impl Report for RedriveReport {
         let mut out = String::new();
         for r in &self.redriven {
             let original = r.original_id.as_deref().unwrap_or("unknown");
+            let groups = match r.redrive_group.as_str() {
+                "" => "every group".to_string(),
+                g => g.to_string(),
+            };
             out.push_str(&format!(
-                "redriven {} (originalId {original}): re-added as {} on {}\n",
+                "redriven {} (originalId {original}): re-added as {} on {}, for {groups}\n",
                 r.dlq_id, r.new_id, self.stream
             ));
         }
@@ -1497,7 +1598,8 @@ impl Report for RedriveReport {
         ));
         if !self.redriven.is_empty() {
             out.push_str(&format!(
-                ". Redriven entries are new entries of {}: every group of it sees them.",
+                ". Redriven entries are new entries of {}: other groups than those named \
+                 acknowledge them without acting.",
                 self.stream
             ));
         }
@@ -1578,8 +1680,9 @@ fn trim_dry(conn: &mut Connection, stream: &str, retain: u64) -> Result<TrimRow,
 /// chunk is enough to find it.
 fn trim_real(conn: &mut Connection, stream: &str, retain: u64) -> Result<TrimRow, Error> {
     let length = xlen(conn, stream)?;
-    let removed =
-        trim::trim_stream(conn, stream, retain).map_err(failed(format!("trimming {stream}")))?;
+    let removed = trim::trim_stream(conn, stream, retain)
+        .map_err(failed(format!("trimming {stream}")))?
+        .removed;
     let after = xlen(conn, stream)?;
     let plan = trim::trim_once(conn, stream, retain, trim::CHUNK, true)
         .map_err(failed(format!("dry-run trim of {stream}")))?;
@@ -1606,6 +1709,10 @@ fn explain(plan: &trim::Trimmed, kept: u64, retain: u64) -> String {
             Some("0-0") | None => "a group has read nothing yet".into(),
             Some(b) => format!("a group has not read or acknowledged everything from {b} on"),
         },
+        other if other.starts_with("order still in ") => format!(
+            "keeps the payments of orders still in {} (their paid markers go with them)",
+            &other["order still in ".len()..]
+        ),
         other if other.starts_with("group ") => {
             format!("{other}: its entries are not known to be read")
         }
@@ -1963,8 +2070,11 @@ mod tests {
             removed: 0,
             bound: bound.map(str::to_string),
             reason: reason.into(),
+            held_back: None,
         };
         assert!(explain(&plan("ok", Some("5-0")), 10, 2).contains("from 5-0 on"));
+        let kept = explain(&plan("order still in order-events", Some("5-0")), 10, 2);
+        assert!(kept.contains("orders still in order-events"), "{kept}");
         assert!(explain(&plan("ok", Some("0-0")), 10, 2).contains("read nothing"));
         assert!(explain(&plan("ok", Some("5-0")), 2, 2).contains("newest 2"));
         assert!(explain(&plan("no stream", None), 0, 2).contains("does not exist"));

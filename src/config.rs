@@ -79,6 +79,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { var: "BLOCK_MS", default: Some("1000"), help: "longest XREADGROUP BLOCK; also bounds how long shutdown waits for a reader", services: CONSUMERS },
     Setting { var: "CLAIM_IDLE_MS", default: Some("30000"), help: "pending entries idle this long are claimed (XAUTOCLAIM) and retried", services: CONSUMERS },
     Setting { var: "MAX_DELIVERIES", default: Some("5"), help: "failed deliveries before an entry goes to <stream>:dlq", services: CONSUMERS },
+    Setting { var: "DLQ_RETAIN_ENTRIES", default: Some("10000"), help: "dead letters kept per <stream>:dlq, the newest; older ones are deleted", services: CONSUMERS },
     Setting { var: "RETAIN_ENTRIES", default: Some("100000"), help: "trimming keeps at least this many recent entries per stream", services: PRODUCERS },
     Setting { var: "TRIM_INTERVAL_MS", default: Some("60000"), help: "how often the stream this service writes is trimmed (0: never)", services: PRODUCERS },
     Setting { var: "RUST_LOG", default: Some("info"), help: "log filter: a level, or target=level,...", services: ALL },
@@ -115,6 +116,8 @@ pub struct Config {
     pub claim_idle: Duration,
     /// Failed deliveries before dead-lettering.
     pub max_deliveries: u64,
+    /// Dead letters kept per `<stream>:dlq`, the newest.
+    pub dlq_retain_entries: u64,
     /// Entries trimming always keeps.
     pub retain_entries: u64,
     /// Trimming period; `None` disables trimming.
@@ -333,6 +336,7 @@ impl<E: Fn(&str) -> Option<String>> Raw<'_, E> {
             block: self.millis("BLOCK_MS", 1)?,
             claim_idle: self.millis("CLAIM_IDLE_MS", 1)?,
             max_deliveries: self.number("MAX_DELIVERIES", 1)?,
+            dlq_retain_entries: self.number("DLQ_RETAIN_ENTRIES", 1)?,
             retain_entries: self.number("RETAIN_ENTRIES", 0)?,
             trim_interval: (trim_ms > 0).then(|| Duration::from_millis(trim_ms)),
             log_filter: self.get("RUST_LOG").unwrap_or_else(|| "info".into()),

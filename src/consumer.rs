@@ -89,6 +89,10 @@ pub enum Outcome {
     /// Done, and already acknowledged by the handler in the same atomic
     /// step as its work.
     DoneAndAcked,
+    /// Done before, by another route (a second payment for an order already
+    /// paid): refused and acknowledged by the handler in one atomic step.
+    /// Counted as outcome `duplicate`.
+    Duplicate,
     /// Not done.
     Failed(Failure),
     /// Not tried: the batch's time ran out, or the service is stopping
@@ -207,6 +211,8 @@ pub struct Settings {
     pub claim_idle: Duration,
     /// Failed deliveries after which an entry is dead-lettered.
     pub max_deliveries: u64,
+    /// Dead letters kept per `<stream>:dlq` (`DLQ_RETAIN_ENTRIES`).
+    pub dlq_retain: u64,
     /// Longest a handler thread spends starting the deliveries of one batch
     /// before acknowledging what it finished and reporting progress; see
     /// [`batch_budget`].
@@ -235,6 +241,7 @@ impl Settings {
             block: config.block,
             claim_idle: config.claim_idle,
             max_deliveries: config.max_deliveries,
+            dlq_retain: config.dlq_retain_entries,
             batch_budget: batch_budget(config.claim_idle, crate::notify::watchdog_interval()),
         }
     }
@@ -730,6 +737,10 @@ impl Worker {
     }
 
     fn process(&mut self, batch: Vec<Delivery>) {
+        let batch = self.skip_redrives_for_others(batch);
+        if batch.is_empty() {
+            return;
+        }
         let not_tried = self.handle(&batch);
         let mut in_flight = lock(&self.in_flight);
         for (i, d) in batch.into_iter().enumerate() {
@@ -740,6 +751,48 @@ impl Worker {
                 in_flight.finish((d.sub, d.id));
             }
         }
+    }
+
+    /// Acknowledges, without handling, the redriven entries meant for other
+    /// groups (see [`crate::dlq`]): this group handled the original already.
+    /// Returns the rest. Left pending if the acknowledgement fails: they
+    /// come back and are skipped then.
+    fn skip_redrives_for_others(&mut self, batch: Vec<Delivery>) -> Vec<Delivery> {
+        let (skip, rest): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .partition(|d| dlq::is_for_other_group(&d.fields, d.sub.group));
+        if let Some(first) = skip.first() {
+            let sub = first.sub;
+            let ids: Vec<&str> = skip.iter().map(|d| d.id.as_str()).collect();
+            let acked = self.link.run(|c| {
+                redis::cmd("XACK")
+                    .arg(sub.stream)
+                    .arg(sub.group)
+                    .arg(&ids)
+                    .query::<i64>(c)
+            });
+            match acked {
+                Ok(_) => {
+                    log::info!(
+                        "{}/{}: skipped {} redriven entries meant for other groups",
+                        sub.stream,
+                        sub.group,
+                        ids.len()
+                    );
+                    metrics::events(sub.stream, sub.group, "skipped", ids.len() as u64);
+                }
+                Err(e) => log::warn!(
+                    "{}: could not acknowledge {} redriven entries of other groups: {e}",
+                    sub.stream,
+                    ids.len()
+                ),
+            }
+            let mut in_flight = lock(&self.in_flight);
+            for d in &skip {
+                in_flight.finish((d.sub, d.id.clone()));
+            }
+        }
+        rest
     }
 
     /// Handles `batch`; returns the positions of the deliveries the handler
@@ -828,7 +881,7 @@ impl Worker {
         let sub = batch[0].sub;
         let (mut to_ack, mut forget, mut failed_now, mut not_tried) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut ok = 0;
+        let (mut ok, mut duplicate) = (0, 0);
         let answered = outcomes.len();
         for (i, (d, outcome)) in batch.iter().zip(outcomes).enumerate() {
             match outcome {
@@ -840,6 +893,12 @@ impl Worker {
                 }
                 Outcome::DoneAndAcked => {
                     ok += 1;
+                    if d.redelivered {
+                        forget.push(d.id.as_str());
+                    }
+                }
+                Outcome::Duplicate => {
+                    duplicate += 1;
                     if d.redelivered {
                         forget.push(d.id.as_str());
                     }
@@ -870,6 +929,7 @@ impl Worker {
         }
         metrics::events(sub.stream, sub.group, "ok", ok);
         metrics::events(sub.stream, sub.group, "failed", failed);
+        metrics::events(sub.stream, sub.group, "duplicate", duplicate);
         not_tried
     }
 
@@ -956,9 +1016,10 @@ impl Worker {
             fields: &d.fields,
             error: reason,
             deliveries: failures,
+            retain: self.settings.dlq_retain,
         };
         match self.run_idempotent(|c| dlq::move_to_dlq(c, &letter)) {
-            Ok(true) => {
+            Ok(dlq::Moved::Written { evicted }) => {
                 log::warn!(
                     "{} {}: dead-lettered to {}: {reason}",
                     d.sub.stream,
@@ -967,8 +1028,31 @@ impl Worker {
                 );
                 metrics::dead_lettered(d.sub.stream, d.sub.group);
                 metrics::events(d.sub.stream, d.sub.group, "dead_lettered", 1);
+                if evicted > 0 {
+                    // Once the DLQ is full this happens with every letter:
+                    // the metric is the place to watch, not the log.
+                    log::debug!(
+                        "{}: {evicted} oldest dead letters deleted to keep the newest {} (DLQ_RETAIN_ENTRIES)",
+                        topology::dlq_stream(d.sub.stream),
+                        self.settings.dlq_retain
+                    );
+                    metrics::dlq_evicted(d.sub.stream, evicted);
+                }
             }
-            Ok(false) => log::info!(
+            Ok(dlq::Moved::Joined) => {
+                log::warn!(
+                    "{} {}: given up by {} too; already in {}: {reason}",
+                    d.sub.stream,
+                    d.id,
+                    d.sub.group,
+                    topology::dlq_stream(d.sub.stream)
+                );
+                // Dead-lettered for this group: counted as such, though
+                // the letter was written by the first group to give up.
+                metrics::dead_lettered(d.sub.stream, d.sub.group);
+                metrics::events(d.sub.stream, d.sub.group, "dead_lettered", 1);
+            }
+            Ok(dlq::Moved::NotPending) => log::info!(
                 "{} {}: already handled elsewhere; not dead-lettered",
                 d.sub.stream,
                 d.id

@@ -30,6 +30,8 @@ struct Registry {
     events: Mutex<BTreeMap<(String, String, &'static str), u64>>,
     redeliveries: Mutex<BTreeMap<(String, String), u64>>,
     dead_lettered: Mutex<BTreeMap<(String, String), u64>>,
+    dlq_evicted: Mutex<BTreeMap<String, u64>>,
+    trim_held_back: Mutex<BTreeMap<(String, String), u64>>,
     latency: Mutex<BTreeMap<(String, String), Histogram>>,
     reconnects: AtomicU64,
     orders_batched: AtomicU64,
@@ -53,7 +55,7 @@ pub fn http_request(status: u16) {
 }
 
 /// Counts `n` events of `stream`/`group` that ended with `outcome`
-/// (`ok`, `failed`, `dead_lettered`, `duplicate`).
+/// (`ok`, `failed`, `dead_lettered`, `duplicate`, `skipped`).
 pub fn events(stream: &str, group: &str, outcome: &'static str, n: u64) {
     if n > 0 {
         *lock(&registry().events)
@@ -71,11 +73,37 @@ pub fn redeliveries(stream: &str, group: &str, n: u64) {
     }
 }
 
-/// Counts one entry written to the dead-letter stream.
+/// Counts one entry the group dead-lettered (the letter is written once,
+/// by the first group to give up on the entry).
 pub fn dead_lettered(stream: &str, group: &str) {
     *lock(&registry().dead_lettered)
         .entry((stream.to_string(), group.to_string()))
         .or_default() += 1;
+}
+
+/// Counts `n` dead letters of `<stream>:dlq` deleted to keep the newest
+/// `DLQ_RETAIN_ENTRIES`.
+pub fn dlq_evicted(stream: &str, n: u64) {
+    if n > 0 {
+        *lock(&registry().dlq_evicted)
+            .entry(stream.to_string())
+            .or_default() += n;
+    }
+}
+
+/// Sets how many entries of `stream` beyond `RETAIN_ENTRIES` trimming had
+/// to keep because `group` had not read or acknowledged them (`None`:
+/// nothing held back; every group of the stream shown is set to 0).
+pub fn trim_held_back(stream: &str, held: Option<(&str, u64)>) {
+    let mut map = lock(&registry().trim_held_back);
+    for ((s, _), n) in map.iter_mut() {
+        if s == stream {
+            *n = 0;
+        }
+    }
+    if let Some((group, n)) = held {
+        map.insert((stream.to_string(), group.to_string()), n);
+    }
 }
 
 /// Records how long handling `n` entries took (each gets `elapsed / n`).
@@ -185,6 +213,31 @@ pub fn render(groups: &[GroupGauge]) -> String {
         "Entries moved to the dead-letter stream.",
         &lock(&r.dead_lettered),
     );
+    family(
+        &mut out,
+        "dlq_evicted_total",
+        "counter",
+        "Oldest dead letters deleted to keep the newest DLQ_RETAIN_ENTRIES.",
+    );
+    for (stream, n) in lock(&r.dlq_evicted).iter() {
+        let _ = writeln!(out, "dlq_evicted_total{{stream=\"{stream}\"}} {n}");
+    }
+    let held = lock(&r.trim_held_back);
+    if !held.is_empty() {
+        family(
+            &mut out,
+            "trim_held_back_entries",
+            "gauge",
+            "Entries beyond RETAIN_ENTRIES that trimming keeps because the group has not read or acknowledged them.",
+        );
+        for ((stream, group), n) in held.iter() {
+            let _ = writeln!(
+                out,
+                "trim_held_back_entries{{stream=\"{stream}\",group=\"{group}\"}} {n}"
+            );
+        }
+    }
+    drop(held);
     family(
         &mut out,
         "group_lag",

@@ -96,6 +96,12 @@ pub fn failures_key(stream: &str, group: &str) -> String {
     format!("{stream}:failures:{group}")
 }
 
+/// The index of `stream`'s dead letters: `<stream>:dlq:index`, a hash from
+/// original entry ID to `<dead-letter ID>,<group>,...` (see [`crate::dlq`]).
+pub fn dlq_index(stream: &str) -> String {
+    format!("{stream}:dlq:index")
+}
+
 /// Creates every group of the topology that does not exist yet (and its
 /// stream), at ID `0`. `BUSYGROUP` (the group exists) is success.
 pub fn ensure_groups(conn: &mut Connection) -> Result<(), RedisError> {

@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -79,20 +79,8 @@ pub fn run(args: &Args, progress: &Progress) -> Result<Vec<ReadyRun>, String> {
 }
 
 fn start_once(bin: &Path, name: &str, redis: &str) -> Result<Start, String> {
-    let port = free_port()?;
-    let log = std::env::temp_dir().join(format!("load-ready-{}-{name}.log", std::process::id()));
-    let stderr = File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
     let spawned = Instant::now();
-    let mut child = Command::new(bin)
-        .env("REDIS_URL", redis)
-        .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
-        .env("RUST_LOG", "warn")
-        .env("CONSUMER_NAME", "bench-ready")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+    let (mut child, port, log) = spawn(bin, name, redis, "bench-ready")?;
     let ready = wait_ready(&mut child, &Target::local(port), spawned);
     let ready = match ready {
         Ok(d) => d,
@@ -111,6 +99,36 @@ fn start_once(bin: &Path, name: &str, redis: &str) -> Result<Start, String> {
         idle_rss_kib,
         stop,
     })
+}
+
+/// Starts the binary `bin` (service `name`) on a free port against
+/// `redis`, as consumer `consumer`, its stderr in a temp log file.
+pub fn spawn(
+    bin: &Path,
+    name: &str,
+    redis: &str,
+    consumer: &str,
+) -> Result<(Child, u16, PathBuf), String> {
+    let port = free_port()?;
+    let log =
+        std::env::temp_dir().join(format!("load-{consumer}-{}-{name}.log", std::process::id()));
+    let stderr = File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let child = Command::new(bin)
+        .env("REDIS_URL", redis)
+        .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "warn")
+        .env("CONSUMER_NAME", consumer)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .map_err(|e| {
+            format!(
+                "cannot start {} (build with cargo build --release): {e}",
+                bin.display()
+            )
+        })?;
+    Ok((child, port, log))
 }
 
 pub fn wait_ready(

@@ -4,13 +4,12 @@
 //! Each gets a free port, `RUST_LOG=warn`, and a consumer name of its own
 //! (`bench-wan`), and is stopped with SIGTERM when [`Services`] is dropped.
 
-use std::fs::File;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 
 use crate::client::Target;
 use crate::procs::SERVICES;
-use crate::ready::{free_port, tail, terminate, wait_ready};
+use crate::ready::{spawn, tail, terminate, wait_ready};
 
 /// The running services.
 pub struct Services {
@@ -28,26 +27,7 @@ impl Services {
             children: Vec::new(),
         };
         for name in SERVICES {
-            let port = free_port()?;
-            let bin = bin_dir.join(name);
-            let log =
-                std::env::temp_dir().join(format!("load-wan-{}-{name}.log", std::process::id()));
-            let stderr = File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-            let mut child = Command::new(&bin)
-                .env("REDIS_URL", redis_url)
-                .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
-                .env("RUST_LOG", "warn")
-                .env("CONSUMER_NAME", "bench-wan")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(stderr)
-                .spawn()
-                .map_err(|e| {
-                    format!(
-                        "cannot start {} (build with cargo build --release): {e}",
-                        bin.display()
-                    )
-                })?;
+            let (mut child, port, log) = spawn(&bin_dir.join(name), name, redis_url, "bench-wan")?;
             let target = Target::local(port);
             let ready = wait_ready(&mut child, &target, std::time::Instant::now());
             services.children.push(child);

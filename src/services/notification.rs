@@ -5,8 +5,10 @@
 //! `NOTIFY_WEBHOOK_URL` set it is also `POST`ed there as JSON with an
 //! `Idempotency-Key: <stream>:<entry ID>` header: an entry can be delivered
 //! more than once (a crash after the POST, before the acknowledgement), and
-//! the key lets the receiver drop the repeat. A non-2xx answer or a timeout
-//! is a failed delivery: the entry stays pending, is retried after
+//! the key lets the receiver drop the repeat. A redriven entry is a new
+//! entry with a key of its own, as the contract fixes the key; its
+//! `redrivenFrom` field names the entry first written. A non-2xx answer or
+//! a timeout is a failed delivery: the entry stays pending, is retried after
 //! `CLAIM_IDLE_MS`, and dead-lettered after `MAX_DELIVERIES` failures. A slow
 //! receiver is not a failing one: calls are made one by one, each reported
 //! as progress to the watchdog, and a batch stops starting calls after its

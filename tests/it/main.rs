@@ -15,6 +15,10 @@ mod order_http;
 mod consumers;
 mod faults;
 
+// Dead letters put back without paying twice; bounded DLQs; trimming held
+// back by a group that never reads, made visible (issue 10.3, 10.5).
+mod redrive;
+
 // Operating it: metrics, systemd (units, journald log lines, the notify
 // protocol), the streamctl admin CLI.
 mod metrics;

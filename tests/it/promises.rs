@@ -197,7 +197,6 @@ fn a_destroyed_group_is_recreated_and_new_orders_are_paid() {
 /// The same, and no order paid before the destroy is paid again: exactly
 /// one payment per order.
 #[test]
-#[ignore = "XGROUP DESTROY: the group is recreated at ID 0 and every earlier order is paid again (issue 11, fixed by the consumer helper)"]
 fn a_destroyed_group_does_not_pay_earlier_orders_again() {
     let redis = RedisServer::start();
     let _payment = start_ready("payment-service", &redis, &env(&[]));
