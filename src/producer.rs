@@ -105,7 +105,9 @@ impl Producer {
     /// read timeout (the reply must come before the read gives up).
     fn wait_for(&self, deadline: Instant) -> Option<Wait> {
         let w = self.wait?;
-        let margin = Duration::from_millis(20);
+        // Redis ends a timed-out WAIT on its next event-loop tick (up to
+        // 100 ms late at the default `hz 10`): leave room for that.
+        let margin = Duration::from_millis(200);
         let budget = deadline
             .saturating_duration_since(Instant::now())
             .min(self.read_timeout)

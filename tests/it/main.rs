@@ -41,3 +41,7 @@ mod startup;
 // Promises of the README's "Guarantees" and "Security" that had no test
 // (issue 11).
 mod promises;
+
+// High availability (issue 15): following a Sentinel failover, WAIT for
+// replicas before answering or acknowledging.
+mod sentinel;
