@@ -207,6 +207,9 @@ struct Known {
     /// The address last used, kept when forgotten: a discovery that finds
     /// the same address again is not a failover.
     last_addr: Option<(String, u16)>,
+    /// A master the sentinels are replacing right now, and until when it
+    /// must not be used even if a sentinel still names it.
+    demoting: Option<((String, u16), Instant)>,
     generation: u64,
 }
 
@@ -267,6 +270,7 @@ impl Sentinels {
             known: Mutex::new(Known {
                 master: None,
                 last_addr: None,
+                demoting: None,
                 generation: 0,
             }),
             generation: AtomicU64::new(0),
@@ -341,13 +345,17 @@ impl Sentinels {
 
     /// Forgets the master of `generation` (its connection failed, or it
     /// answered `READONLY`): the next connection asks the sentinels again.
+    ///
+    /// A replica being promoted is not forgotten: while the promotion runs
+    /// the sentinels still name the old master, and going back to it is
+    /// exactly what loses writes (its other replicas would confirm them,
+    /// then resynchronize from the new master and drop them).
     pub fn forget(&self, generation: u64) {
         let mut known = lock(&self.known);
-        if known
-            .master
-            .as_ref()
-            .is_some_and(|m| m.generation == generation)
-        {
+        let now = Instant::now();
+        if known.master.as_ref().is_some_and(|m| {
+            m.generation == generation && m.promoting_until.is_none_or(|t| now >= t)
+        }) {
             known.master = None;
         }
     }
@@ -362,6 +370,15 @@ impl Sentinels {
             return Ok(m);
         }
         let addr = self.discover()?;
+        if let Some((old, until)) = &lock(&self.known).demoting {
+            if *old == addr && Instant::now() < *until {
+                return Err(no_master(format!(
+                    "the sentinels are failing {} over: waiting for the new master of {}",
+                    addr_text(&old.0, old.1),
+                    self.url.master
+                )));
+            }
+        }
         self.switch_to(addr, "the sentinels", false)
     }
 
@@ -421,6 +438,14 @@ impl Sentinels {
             Err(e) if e.code() == Some("NOAUTH") && self.url.userinfo.is_some() => open(true),
             other => other,
         }
+    }
+
+    /// Follows a failover event: the old master is never used again while
+    /// the failover runs, the new one at once.
+    fn follow_event(&self, ev: FailoverEvent, source: &str) -> Result<Master, RedisError> {
+        lock(&self.known).demoting =
+            (!ev.done).then(|| (ev.old.clone(), Instant::now() + PROMOTION_GRACE));
+        self.switch_to(ev.new, source, !ev.done)
     }
 
     /// Makes `addr` the master (`promoting`: a replica the sentinels are
@@ -549,10 +574,9 @@ impl Sentinels {
                 Ok(msg) => {
                     let payload: String = msg.get_payload().unwrap_or_default();
                     let event = msg.get_channel_name().to_string();
-                    if let Some(addr) = event_master(&event, &payload, &self.url.master) {
+                    if let Some(ev) = failover_event(&event, &payload, &self.url.master) {
                         let source = format!("{event} from sentinel {}", addr_text(host, port));
-                        let promoting = event != EVENTS[0];
-                        if let Err(e) = self.switch_to(addr, &source, promoting) {
+                        if let Err(e) = self.follow_event(ev, &source) {
                             log::warn!("cannot follow {source}: {e}");
                         }
                     }
@@ -566,34 +590,52 @@ impl Sentinels {
     }
 }
 
-/// The new master named by a sentinel event about `master`, if it is one.
+/// What a sentinel's failover event says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailoverEvent {
+    /// The master being replaced.
+    pub old: (String, u16),
+    /// The replica that becomes the master.
+    pub new: (String, u16),
+    /// `+switch-master`: done. Otherwise the sentinels are promoting `new`
+    /// right now (`+failover-state-send-slaveof-noone`).
+    pub done: bool,
+}
+
+/// The failover named by a sentinel event about `master`, if it is one.
 ///
 /// ```
-/// use streamline::sentinel::event_master;
+/// use streamline::sentinel::failover_event;
 ///
 /// let switch = "mymaster 127.0.0.1 6379 127.0.0.1 6380";
-/// assert_eq!(event_master("+switch-master", switch, "mymaster"), Some(("127.0.0.1".into(), 6380)));
-/// assert_eq!(event_master("+switch-master", switch, "other"), None);
+/// let e = failover_event("+switch-master", switch, "mymaster").unwrap();
+/// assert_eq!((e.old.1, e.new.1, e.done), (6379, 6380, true));
+/// assert_eq!(failover_event("+switch-master", switch, "other"), None);
 /// let promote = "slave 127.0.0.1:6381 127.0.0.1 6381 @ mymaster 127.0.0.1 6379";
-/// assert_eq!(event_master("+failover-state-send-slaveof-noone", promote, "mymaster"), Some(("127.0.0.1".into(), 6381)));
+/// let e = failover_event("+failover-state-send-slaveof-noone", promote, "mymaster").unwrap();
+/// assert_eq!((e.old.1, e.new.1, e.done), (6379, 6381, false));
 /// ```
-pub fn event_master(event: &str, payload: &str, master: &str) -> Option<(String, u16)> {
+pub fn failover_event(event: &str, payload: &str, master: &str) -> Option<FailoverEvent> {
     let words: Vec<&str> = payload.split_whitespace().collect();
-    match event {
+    let addr = |ip: &str, port: &str| Some((ip.to_string(), port.parse::<u16>().ok()?));
+    match (event, words.as_slice()) {
         // <master name> <old ip> <old port> <new ip> <new port>
-        "+switch-master" => match words.as_slice() {
-            [name, _, _, ip, port, ..] if *name == master => {
-                Some((ip.to_string(), port.parse().ok()?))
-            }
-            _ => None,
-        },
+        ("+switch-master", [name, oip, oport, ip, port, ..]) if *name == master => {
+            Some(FailoverEvent {
+                old: addr(oip, oport)?,
+                new: addr(ip, port)?,
+                done: true,
+            })
+        }
         // slave <name> <ip> <port> @ <master name> <master ip> <master port>
-        "+failover-state-send-slaveof-noone" => match words.as_slice() {
-            ["slave", _, ip, port, "@", name, ..] if *name == master => {
-                Some((ip.to_string(), port.parse().ok()?))
-            }
-            _ => None,
-        },
+        (
+            "+failover-state-send-slaveof-noone",
+            ["slave", _, ip, port, "@", name, oip, oport, ..],
+        ) if *name == master => Some(FailoverEvent {
+            old: addr(oip, oport)?,
+            new: addr(ip, port)?,
+            done: false,
+        }),
         _ => None,
     }
 }
@@ -656,7 +698,8 @@ mod tests {
         );
         assert_eq!(parse_addr(&Value::Nil), None);
         assert_eq!(parse_addr(&Value::Array(vec![bulk("x"), bulk("y")])), None);
-        assert_eq!(event_master("+sdown", "master m 1 2", "m"), None);
-        assert_eq!(event_master("+switch-master", "m 1 2 3", "m"), None);
+        assert_eq!(failover_event("+sdown", "master m 1 2", "m"), None);
+        assert_eq!(failover_event("+switch-master", "m 1 2 3", "m"), None);
+        assert_eq!(failover_event("+switch-master", "m h x h 2", "m"), None);
     }
 }

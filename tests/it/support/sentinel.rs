@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use redis::Value;
 
-use super::{free_port, indent, read_lossy, wait_for, wait_until, RedisServer, TempDir};
+use super::{
+    free_port, indent, read_lossy, wait_for, wait_until, RedisOptions, RedisServer, TempDir,
+};
 
 /// The master's name, as the sentinels know it.
 pub const MASTER_NAME: &str = "mymaster";
@@ -211,7 +213,7 @@ impl SentinelSetup {
     /// Starts everything and waits until every sentinel knows both
     /// replicas and both other sentinels (so a failover can happen).
     pub fn start() -> SentinelSetup {
-        let master = RedisServer::start();
+        let master = data_node().start();
         let replicas = (0..2)
             .map(|_| replica_of(master.port()))
             .collect::<Vec<_>>();
@@ -331,6 +333,13 @@ impl SentinelSetup {
         }
     }
 
+    /// Prints every sentinel's log.
+    pub fn dump_logs(&self) {
+        for s in &self.sentinels {
+            eprintln!("--- sentinel {} ---\n{}", s.port(), indent(&s.log()));
+        }
+    }
+
     /// Panics with `what` and every sentinel's log.
     pub fn fail(&self, what: &str) -> ! {
         let logs: Vec<String> = self
@@ -342,9 +351,18 @@ impl SentinelSetup {
     }
 }
 
+/// Options of a data node: as [`RedisServer::options`], and a new
+/// replica is synchronized at once (Redis waits 5 s by default, for more
+/// replicas to share a diskless transfer).
+pub fn data_node() -> RedisOptions {
+    RedisServer::options()
+        .arg("--repl-diskless-sync-delay")
+        .arg("0")
+}
+
 /// A replica of the master on `master_port`.
 pub fn replica_of(master_port: u16) -> RedisServer {
-    RedisServer::options()
+    data_node()
         .arg("--replicaof")
         .arg("127.0.0.1")
         .arg(master_port.to_string())
