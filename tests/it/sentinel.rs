@@ -293,6 +293,69 @@ fn measure_what_a_manual_failover_loses_without_wait() {
     );
 }
 
+/// The master crashes 500 ms after it lost its replicas (frozen with
+/// SIGSTOP, their connections closed: a cut link, or replicas too slow to
+/// keep up): what the master acknowledged in those 500 ms exists nowhere
+/// else. A measurement for the
+/// README: `cargo test --test it sentinel::measure -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn measure_what_a_crash_with_lagging_replicas_loses() {
+    for wait in ["0", "1"] {
+        let mut setup = SentinelSetup::start();
+        let url = setup.url();
+        let env = flow::env(&[("REDIS_URL", url.as_str()), ("REDIS_WAIT_REPLICAS", wait)]);
+        let order = spawn_ready("order-service", &env);
+        let first = setup.master_port();
+        let replicas: Vec<u16> = setup
+            .nodes
+            .iter()
+            .map(RedisServer::port)
+            .filter(|p| *p != first)
+            .collect();
+        let load = Load::start(&order, "lag", 4);
+        let started = Instant::now();
+        wait_until("orders flow", flow::DEADLINE, || load.ok_since(started) >= 200);
+        for p in &replicas {
+            setup.node(*p).pause();
+        }
+        let _: redis::Value = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("replica")
+            .query(&mut setup.node(first).conn())
+            .expect("CLIENT KILL TYPE replica");
+        let paused = Instant::now();
+        wait_until("500 ms pass", Duration::from_secs(5), || {
+            paused.elapsed() >= Duration::from_millis(500)
+        });
+        setup.node_mut(first).kill();
+        for p in &replicas {
+            setup.node(*p).resume();
+        }
+        let second = setup.wait_new_master(first, Duration::from_secs(20));
+        let back = Instant::now();
+        wait_until("orders flow on the new master", flow::DEADLINE, || {
+            load.ok_since(back) >= 100
+        });
+        let placed = load.stop();
+        let mut conn = setup.node(second).conn();
+        let orders = xrange(&mut conn, ORDER_EVENTS, "-", "+");
+        let on_master: std::collections::HashSet<&str> =
+            orders.iter().map(|o| o.id.as_str()).collect();
+        let accepted: Vec<&str> = placed
+            .iter()
+            .filter_map(|p| p.order_id.as_deref().filter(|_| p.ok()))
+            .collect();
+        let lost = accepted.iter().filter(|id| !on_master.contains(*id)).count();
+        eprintln!(
+            "crash 500 ms after the replicas were cut off, REDIS_WAIT_REPLICAS={wait}: {} accepted, {} refused, {lost} accepted orders lost",
+            accepted.len(),
+            placed.len() - accepted.len()
+        );
+    }
+}
+
 #[test]
 fn without_any_sentinel_orders_are_refused_until_one_is_back() {
     let mut setup = SentinelSetup::start();
