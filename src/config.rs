@@ -66,7 +66,7 @@ pub struct Setting {
 
 /// Every setting, with its default: the one place defaults live.
 pub const SETTINGS: &[Setting] = &[
-    Setting { var: "REDIS_URL", default: Some("redis://127.0.0.1:6379"), help: "redis://[user:pass@]host:port[/db], or rediss:// for TLS; redis+sentinel://[user:pass@]host:port[,host:port...]/<master>[/db] to follow the master of these sentinels", services: ALL },
+    Setting { var: "REDIS_URL", default: Some("redis://127.0.0.1:6379"), help: "redis://[user:pass@]host:port[/db], rediss:// for TLS, or redis+sentinel://[user:pass@]host:port[,host:port...]/<master>[/db]", services: ALL },
     Setting { var: "REDIS_WAIT_REPLICAS", default: Some("0"), help: "with N >= 1: an order is answered 2xx, and an entry acknowledged, only once WAIT confirms it on N replicas", services: ALL },
     Setting { var: "REDIS_WAIT_TIMEOUT_MS", default: Some("1000"), help: "longest WAIT for REDIS_WAIT_REPLICAS; not confirmed in time: 503 (an order) or wait again (an entry)", services: ALL },
     Setting { var: "REDIS_CA_CERT", default: None, help: "PEM file of the CA that signed the Redis server's certificate (rediss://); default: the system's roots", services: ALL },
@@ -456,6 +456,12 @@ pub fn help(service: Service) -> String {
         name = service.name(),
         version = env!("CARGO_PKG_VERSION"),
     );
+    let width = SETTINGS
+        .iter()
+        .map(|s| s.var.len())
+        .max()
+        .unwrap_or(20)
+        .max(20);
     for s in SETTINGS.iter().filter(|s| s.services.contains(&service)) {
         let default = match (s.var, s.default) {
             ("HTTP_ADDR", _) => service.default_http_addr().to_string(),
@@ -464,13 +470,14 @@ pub fn help(service: Service) -> String {
             (_, None) => "unset".into(),
         };
         out.push_str(&format!(
-            "  {:<20} {} [default: {}]\n",
+            "  {:<width$} {} [default: {}]\n",
             s.var, s.help, default
         ));
     }
-    out.push_str(
-        "\n  -h, --help           print this help\n  -V, --version        print the version\n",
-    );
+    out.push_str(&format!(
+        "\n  {:<width$} print this help\n  {:<width$} print the version\n",
+        "-h, --help", "-V, --version"
+    ));
     out
 }
 

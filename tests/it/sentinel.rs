@@ -315,7 +315,9 @@ fn measure_what_a_crash_with_lagging_replicas_loses() {
             .collect();
         let load = Load::start(&order, "lag", 4);
         let started = Instant::now();
-        wait_until("orders flow", flow::DEADLINE, || load.ok_since(started) >= 200);
+        wait_until("orders flow", flow::DEADLINE, || {
+            load.ok_since(started) >= 200
+        });
         for p in &replicas {
             setup.node(*p).pause();
         }
@@ -347,7 +349,10 @@ fn measure_what_a_crash_with_lagging_replicas_loses() {
             .iter()
             .filter_map(|p| p.order_id.as_deref().filter(|_| p.ok()))
             .collect();
-        let lost = accepted.iter().filter(|id| !on_master.contains(*id)).count();
+        let lost = accepted
+            .iter()
+            .filter(|id| !on_master.contains(*id))
+            .count();
         eprintln!(
             "crash 500 ms after the replicas were cut off, REDIS_WAIT_REPLICAS={wait}: {} accepted, {} refused, {lost} accepted orders lost",
             accepted.len(),
