@@ -540,6 +540,14 @@ fn setting_default(var: &str) -> &'static str {
 }
 
 fn check_url(url: &str) -> Result<(), UsageError> {
+    if crate::sentinel::is_sentinel_url(url) {
+        return crate::sentinel::parse(url)
+            .map(|_| ())
+            .map_err(|reason| UsageError::BadUrl {
+                url: redact(url),
+                reason,
+            });
+    }
     url.into_connection_info()
         .map(|_| ())
         .map_err(|e| UsageError::BadUrl {
@@ -718,10 +726,15 @@ pub fn run(req: &Request, out: &mut dyn Write) -> Result<(), Error> {
         Command::Trim { .. } => TRIM_TIMEOUT,
         _ => COMMAND_TIMEOUT,
     };
-    let conn = &mut connect(req, timeout)?;
+    let redis = Redis::open(&req.redis_url, req.ca_cert.as_deref()).map_err(Error::Client)?;
+    let conn = &mut connect(&redis, req, timeout)?;
     let json = req.json;
     match &req.command {
-        Command::Status { retain } => emit(&status(conn, &req.redis_url, *retain)?, json, out),
+        Command::Status { retain } => emit(
+            &status(conn, &req.redis_url, *retain, redis.master())?,
+            json,
+            out,
+        ),
         Command::Pending {
             stream,
             group,
@@ -736,8 +749,9 @@ pub fn run(req: &Request, out: &mut dyn Write) -> Result<(), Error> {
 /// A connection that answered `PING`: the client connects lazily enough
 /// that a refused password or a TLS problem would otherwise surface as the
 /// failure of some later, unrelated command.
-fn connect(req: &Request, read_timeout: Duration) -> Result<Connection, Error> {
-    let redis = Redis::open(&req.redis_url, req.ca_cert.as_deref()).map_err(Error::Client)?;
+/// With a `redis+sentinel://` URL, the master the sentinels name (checked
+/// with `ROLE`).
+fn connect(redis: &Redis, req: &Request, read_timeout: Duration) -> Result<Connection, Error> {
     let unreachable = |source| Error::Unreachable {
         url: redact(&req.redis_url),
         source,
@@ -788,6 +802,12 @@ fn no_such_key(e: &RedisError) -> bool {
 #[serde(rename_all = "camelCase")]
 struct StatusReport {
     redis: String,
+    /// With sentinels: the master's name as they know it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sentinel_master: Option<String>,
+    /// With sentinels: the address of the master in use, `host:port`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    master: Option<String>,
     streams: Vec<StreamStatus>,
 }
 
@@ -874,13 +894,21 @@ impl Info {
     }
 }
 
-fn status(conn: &mut Connection, url: &str, retain: u64) -> Result<StatusReport, Error> {
+fn status(
+    conn: &mut Connection,
+    url: &str,
+    retain: u64,
+    master: Option<(String, Option<String>)>,
+) -> Result<StatusReport, Error> {
     let streams = TOPOLOGY
         .iter()
         .map(|spec| stream_status(conn, spec, retain))
         .collect::<Result<_, _>>()?;
+    let (sentinel_master, master) = master.map_or((None, None), |(n, a)| (Some(n), a));
     Ok(StatusReport {
         redis: redact(url),
+        sentinel_master,
+        master,
         streams,
     })
 }
@@ -1064,7 +1092,13 @@ impl Report for StatusReport {
                 }
             }
         }
-        let mut out = format!("Redis {}\n\n", self.redis);
+        let mut out = format!("Redis {}\n", self.redis);
+        if let (Some(name), Some(addr)) = (&self.sentinel_master, &self.master) {
+            out.push_str(&format!(
+                "Master {name} at {addr} (named by the sentinels)\n"
+            ));
+        }
+        out.push('\n');
         out.push_str(&streams.render());
         for s in &self.streams {
             if let Some(h) = &s.trim_held_back {

@@ -66,7 +66,9 @@ pub struct Setting {
 
 /// Every setting, with its default: the one place defaults live.
 pub const SETTINGS: &[Setting] = &[
-    Setting { var: "REDIS_URL", default: Some("redis://127.0.0.1:6379"), help: "redis://[user:pass@]host:port[/db], or rediss:// for TLS", services: ALL },
+    Setting { var: "REDIS_URL", default: Some("redis://127.0.0.1:6379"), help: "redis://[user:pass@]host:port[/db], rediss:// for TLS, or redis+sentinel://[user:pass@]host:port[,host:port...]/<master>[/db]", services: ALL },
+    Setting { var: "REDIS_WAIT_REPLICAS", default: Some("0"), help: "with N >= 1: an order is answered 2xx, and an entry acknowledged, only once WAIT confirms it on N replicas", services: ALL },
+    Setting { var: "REDIS_WAIT_TIMEOUT_MS", default: Some("1000"), help: "longest WAIT for REDIS_WAIT_REPLICAS; not confirmed in time: 503 (an order) or wait again (an entry)", services: ALL },
     Setting { var: "REDIS_CA_CERT", default: None, help: "PEM file of the CA that signed the Redis server's certificate (rediss://); default: the system's roots", services: ALL },
     Setting { var: "HTTP_ADDR", default: Some(""), help: "listen address (order 127.0.0.1:8080, payment :8081, notification :8082)", services: ALL },
     Setting { var: "CONSUMER_NAME", default: Some(""), help: "consumer name in the group; default <hostname>-<machine ID, 8 hex>-<HTTP port>, stable across restarts", services: CONSUMERS },
@@ -94,6 +96,11 @@ pub struct Config {
     pub redis_url: String,
     /// CA certificate for `rediss://`.
     pub redis_ca_cert: Option<PathBuf>,
+    /// Replicas that must confirm a write (`WAIT`) before it is answered
+    /// or acknowledged; 0: do not wait.
+    pub wait_replicas: u64,
+    /// Longest `WAIT`.
+    pub wait_timeout: Duration,
     /// HTTP listen address.
     pub http_addr: SocketAddr,
     /// Consumer name in the groups (consumers only).
@@ -325,6 +332,8 @@ impl<E: Fn(&str) -> Option<String>> Raw<'_, E> {
             service: self.service,
             redis_url,
             redis_ca_cert,
+            wait_replicas: self.number("REDIS_WAIT_REPLICAS", 0)?,
+            wait_timeout: self.millis("REDIS_WAIT_TIMEOUT_MS", 1)?,
             http_addr,
             consumer_name,
             webhook_url,
@@ -353,6 +362,11 @@ fn invalid(var: &'static str, value: &str, reason: String) -> ConfigError {
 }
 
 fn check_redis_url(url: &str) -> Result<(), ConfigError> {
+    if crate::sentinel::is_sentinel_url(url) {
+        return crate::sentinel::parse(url)
+            .map(|_| ())
+            .map_err(|e| invalid("REDIS_URL", &redact(url), e));
+    }
     let scheme_ok = ["redis://", "rediss://", "unix://", "redis+unix://"]
         .iter()
         .any(|s| url.starts_with(s));
@@ -360,7 +374,7 @@ fn check_redis_url(url: &str) -> Result<(), ConfigError> {
         return Err(invalid(
             "REDIS_URL",
             &redact(url),
-            "expected redis://host:port[/db] or rediss://...".into(),
+            "expected redis://host:port[/db], rediss://... or redis+sentinel://...".into(),
         ));
     }
     url.into_connection_info()
@@ -442,6 +456,12 @@ pub fn help(service: Service) -> String {
         name = service.name(),
         version = env!("CARGO_PKG_VERSION"),
     );
+    let width = SETTINGS
+        .iter()
+        .map(|s| s.var.len())
+        .max()
+        .unwrap_or(20)
+        .max(20);
     for s in SETTINGS.iter().filter(|s| s.services.contains(&service)) {
         let default = match (s.var, s.default) {
             ("HTTP_ADDR", _) => service.default_http_addr().to_string(),
@@ -450,13 +470,14 @@ pub fn help(service: Service) -> String {
             (_, None) => "unset".into(),
         };
         out.push_str(&format!(
-            "  {:<20} {} [default: {}]\n",
+            "  {:<width$} {} [default: {}]\n",
             s.var, s.help, default
         ));
     }
-    out.push_str(
-        "\n  -h, --help           print this help\n  -V, --version        print the version\n",
-    );
+    out.push_str(&format!(
+        "\n  {:<width$} print this help\n  {:<width$} print the version\n",
+        "-h, --help", "-V, --version"
+    ));
     out
 }
 
@@ -520,6 +541,31 @@ mod tests {
         assert!(e.to_string().contains("MAX_DELIVERIES"), "{e}");
         let e = parse_with(Service::Order, &["--nope", "1"], &[]).unwrap_err();
         assert!(e.to_string().contains("--nope"), "{e}");
+    }
+
+    #[test]
+    fn sentinel_urls_and_wait_settings() {
+        let url = "redis+sentinel://app:pw@10.0.0.1:26379,10.0.0.2:26379/orders";
+        let c = config(
+            Service::Payment,
+            &[],
+            &[("REDIS_URL", url), ("REDIS_WAIT_REPLICAS", "1")],
+        );
+        assert_eq!(c.redis_url, url);
+        assert_eq!(c.wait_replicas, 1);
+        assert_eq!(c.wait_timeout, Duration::from_millis(1000));
+        assert_eq!(config(Service::Order, &[], &[]).wait_replicas, 0);
+        let e = parse_with(
+            Service::Order,
+            &[],
+            &[("REDIS_URL", "redis+sentinel://u:secret@10.0.0.1:26379")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("REDIS_URL") && e.contains("master name"), "{e}");
+        assert!(!e.contains("secret"), "{e}");
+        let e = parse_with(Service::Order, &[], &[("REDIS_WAIT_TIMEOUT_MS", "0")]).unwrap_err();
+        assert!(e.to_string().contains("REDIS_WAIT_TIMEOUT_MS"), "{e}");
     }
 
     #[test]

@@ -7,14 +7,24 @@
 //! to the next command), and reconnects with capped, jittered exponential
 //! backoff. Each thread that talks to Redis owns its own `Link`: a blocking
 //! `XREADGROUP ... BLOCK` must not share a connection with anything else.
+//!
+//! With a `redis+sentinel://` URL, [`Redis`] asks the sentinels where the
+//! master is ([`crate::sentinel`]), and every connection carries the
+//! *generation* of the master it was opened to. A [`Link`] whose
+//! generation is not the current one (a failover was followed) drops its
+//! connection and reconnects before its next command, at once, whatever
+//! its backoff; a `READONLY` answer (the node was demoted) counts as a lost
+//! connection, never as a failure of the work.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use redis::{Client, Connection, RedisError};
 
 use crate::config::Config;
+use crate::sentinel::{self, Sentinels};
 
 /// Longest wait for a TCP (and TLS) connection. redis-rs applies its
 /// connect timeout to the TCP connect and again to the handshake, so a
@@ -29,6 +39,9 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_BASE: Duration = Duration::from_millis(50);
 /// Longest delay between reconnect attempts.
 const BACKOFF_CAP: Duration = Duration::from_secs(2);
+/// How often a thread waiting out a backoff looks whether a failover was
+/// followed meanwhile.
+const WAIT_SLICE: Duration = Duration::from_millis(100);
 
 /// Why a Redis client could not be built from the configuration.
 #[derive(Debug)]
@@ -37,6 +50,8 @@ pub enum ConnectError {
     CaCert(std::path::PathBuf, std::io::Error),
     /// The client rejected the URL or TLS settings.
     Client(RedisError),
+    /// A `redis+sentinel://` URL that does not parse.
+    Sentinel(String),
 }
 
 impl fmt::Display for ConnectError {
@@ -46,6 +61,7 @@ impl fmt::Display for ConnectError {
                 write!(f, "cannot read REDIS_CA_CERT {}: {e}", p.display())
             }
             ConnectError::Client(e) => write!(f, "invalid REDIS_URL: {e}"),
+            ConnectError::Sentinel(e) => write!(f, "invalid REDIS_URL: {e}"),
         }
     }
 }
@@ -55,7 +71,15 @@ impl std::error::Error for ConnectError {}
 /// Opens Redis connections with timeouts. Cheap to clone.
 #[derive(Clone)]
 pub struct Redis {
-    client: Client,
+    target: Target,
+}
+
+#[derive(Clone)]
+enum Target {
+    /// One Redis at a fixed address.
+    Direct(Box<Client>),
+    /// The master of a set of sentinels, wherever it is now.
+    Sentinel(Arc<Sentinels>),
 }
 
 impl Redis {
@@ -66,39 +90,116 @@ impl Redis {
 
     /// A client for `url`, trusting `ca_cert` (PEM) for TLS if given.
     pub fn open(url: &str, ca_cert: Option<&std::path::Path>) -> Result<Self, ConnectError> {
-        let client = match ca_cert {
+        let pem = match ca_cert {
             Some(path) => {
-                let pem =
-                    std::fs::read(path).map_err(|e| ConnectError::CaCert(path.to_path_buf(), e))?;
-                let certs = redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem),
-                };
-                Client::build_with_tls(url, certs)
+                Some(std::fs::read(path).map_err(|e| ConnectError::CaCert(path.to_path_buf(), e))?)
             }
-            None => Client::open(url),
+            None => None,
+        };
+        if sentinel::is_sentinel_url(url) {
+            let parsed = sentinel::parse(url).map_err(ConnectError::Sentinel)?;
+            // Fail now, not at the first failover, if the data nodes'
+            // URL would not make a client.
+            client(&parsed.data_url("127.0.0.1", 6379), pem.as_deref())
+                .map_err(ConnectError::Client)?;
+            let factory = move |u: &str| client(u, pem.as_deref());
+            return Ok(Redis {
+                target: Target::Sentinel(Sentinels::new(parsed, Box::new(factory))),
+            });
         }
-        .map_err(ConnectError::Client)?;
-        Ok(Redis { client })
+        let client = client(url, pem.as_deref()).map_err(ConnectError::Client)?;
+        Ok(Redis {
+            target: Target::Direct(Box::new(client)),
+        })
     }
 
     /// A new connection whose reads give up after `read_timeout`; connecting
     /// gives up within `read_timeout / 2` or twice [`CONNECT_TIMEOUT`].
     pub fn connect(&self, read_timeout: Duration) -> Result<Connection, RedisError> {
+        self.connect_tracked(read_timeout).map(|(conn, _)| conn)
+    }
+
+    /// [`Redis::connect`], and the generation of the master it reached.
+    pub fn connect_tracked(&self, read_timeout: Duration) -> Result<(Connection, u64), RedisError> {
         let connect_timeout = CONNECT_TIMEOUT
             .min(read_timeout / 4)
             .max(Duration::from_millis(10));
-        let conn = self.client.get_connection_with_timeout(connect_timeout)?;
-        conn.set_read_timeout(Some(read_timeout))?;
-        conn.set_write_timeout(Some(COMMAND_TIMEOUT))?;
-        Ok(conn)
+        match &self.target {
+            Target::Direct(client) => {
+                let conn = client.get_connection_with_timeout(connect_timeout)?;
+                conn.set_read_timeout(Some(read_timeout))?;
+                conn.set_write_timeout(Some(COMMAND_TIMEOUT))?;
+                Ok((conn, 0))
+            }
+            Target::Sentinel(s) => s.connect(connect_timeout, read_timeout, COMMAND_TIMEOUT),
+        }
+    }
+
+    /// The generation of the master: changes when a failover is followed
+    /// (always 0 without sentinels).
+    pub fn generation(&self) -> u64 {
+        match &self.target {
+            Target::Direct(_) => 0,
+            Target::Sentinel(s) => s.generation(),
+        }
+    }
+
+    /// A connection of `generation` was lost or answered `READONLY`: the
+    /// next connection asks the sentinels again.
+    pub fn lost(&self, generation: u64) {
+        if let Target::Sentinel(s) = &self.target {
+            s.forget(generation);
+        }
+    }
+
+    /// With sentinels: the master's name and its address as last found
+    /// (`None` before the first discovery).
+    pub fn master(&self) -> Option<(String, Option<String>)> {
+        match &self.target {
+            Target::Direct(_) => None,
+            Target::Sentinel(s) => Some((s.master_name().to_string(), s.master_addr())),
+        }
+    }
+
+    /// With sentinels: starts following their failover events (once per
+    /// process). Without: nothing.
+    pub fn watch_failovers(&self) {
+        if let Target::Sentinel(s) = &self.target {
+            s.watch();
+        }
+    }
+}
+
+/// A client for a `redis://` or `rediss://` URL, trusting `ca` (PEM).
+fn client(url: &str, ca: Option<&[u8]>) -> Result<Client, RedisError> {
+    match ca {
+        Some(pem) => {
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.to_vec()),
+            };
+            Client::build_with_tls(url, certs)
+        }
+        None => Client::open(url),
     }
 }
 
 /// Whether `e` leaves the connection unusable: I/O errors, timeouts, a
-/// closed socket. Server errors (`NOGROUP`, `ERR ...`) do not.
+/// closed socket, and `READONLY` (the node was demoted to a replica by a
+/// failover: the master is elsewhere now). Other server errors (`NOGROUP`,
+/// `ERR ...`) do not.
 pub fn is_connection_error(e: &RedisError) -> bool {
-    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error()
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_unrecoverable_error()
+        || is_readonly(e)
+}
+
+/// Whether Redis said it is a read-only replica, directly or from inside a
+/// script (`READONLY You can't write against a read only replica`).
+pub fn is_readonly(e: &RedisError) -> bool {
+    e.code() == Some("READONLY") || e.to_string().contains("READONLY")
 }
 
 /// Whether `e` is a server state that passes by itself: Redis loading its
@@ -108,6 +209,39 @@ pub fn is_transient(e: &RedisError) -> bool {
         e.code(),
         Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN")
     )
+}
+
+/// `REDIS_WAIT_REPLICAS` and `REDIS_WAIT_TIMEOUT_MS`: how many replicas
+/// must confirm a write, and how long to wait for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaitFor {
+    /// Replicas that must confirm (at least 1).
+    pub replicas: u64,
+    /// Longest wait.
+    pub timeout: Duration,
+}
+
+impl WaitFor {
+    /// The configured wait; `None` with `REDIS_WAIT_REPLICAS=0`.
+    pub fn from_config(config: &Config) -> Option<WaitFor> {
+        (config.wait_replicas > 0).then_some(WaitFor {
+            replicas: config.wait_replicas,
+            timeout: config.wait_timeout,
+        })
+    }
+
+    /// The `WAIT` timeout argument for a wait that must end within
+    /// `budget`: never `0`, which would mean "forever".
+    pub fn millis_within(&self, budget: Duration) -> u64 {
+        (self.timeout.min(budget).as_millis() as u64).max(1)
+    }
+}
+
+/// `WAIT replicas millis`: how many replicas confirmed every write made
+/// so far on this connection.
+pub fn wait(conn: &mut Connection, replicas: u64, millis: u64) -> Result<u64, RedisError> {
+    let n: i64 = redis::cmd("WAIT").arg(replicas).arg(millis).query(conn)?;
+    Ok(n.max(0) as u64)
 }
 
 /// Capped exponential backoff with full jitter.
@@ -151,6 +285,14 @@ pub struct Link {
     redis: Redis,
     read_timeout: Duration,
     conn: Option<Connection>,
+    /// The master generation `conn` was opened to.
+    generation: u64,
+    /// The master generation when the last attempt failed: a newer one
+    /// (a failover was followed) ends the backoff at once.
+    failed_generation: u64,
+    /// Connections opened so far: tells a caller whether two commands ran
+    /// on the same connection (a `WAIT` only speaks for its own).
+    opened: u64,
     backoff: Backoff,
     next_attempt: Option<Instant>,
     /// Why the last connection attempt failed, for the errors answered
@@ -176,6 +318,9 @@ impl Link {
             redis,
             read_timeout,
             conn: None,
+            generation: 0,
+            failed_generation: 0,
+            opened: 0,
             backoff: Backoff::default(),
             next_attempt: None,
             last_failure: None,
@@ -184,23 +329,41 @@ impl Link {
         }
     }
 
-    /// Whether a connection is currently open.
+    /// The client this link connects with.
+    pub fn redis(&self) -> Redis {
+        self.redis.clone()
+    }
+
+    /// Whether a connection is open, to the current master.
     pub fn is_connected(&self) -> bool {
-        self.conn.is_some()
+        self.conn.is_some() && self.generation == self.redis.generation()
+    }
+
+    /// How many connections this link has opened: the same number before
+    /// and after two commands means they ran on one connection.
+    pub fn connections_opened(&self) -> u64 {
+        self.opened
     }
 
     /// The connection, connecting first if needed. Fails at once, without
-    /// trying, while the backoff after the last failure runs: callers that
-    /// must answer promptly (HTTP) never wait for a reconnect.
+    /// trying, while the backoff after the last failure runs (unless a
+    /// failover was followed since): callers that must answer promptly
+    /// (HTTP) never wait for a reconnect.
     pub fn get(&mut self) -> Result<&mut Connection, RedisError> {
+        let current = self.redis.generation();
+        if self.conn.is_some() && self.generation != current {
+            log::info!("following the failover: reconnecting to the new master");
+            self.conn = None;
+            self.next_attempt = None;
+        }
         if self.conn.is_none() {
             if let Some(at) = self.next_attempt {
-                if Instant::now() < at {
+                if Instant::now() < at && self.failed_generation == current {
                     return Err(unavailable(self.last_failure.as_deref()));
                 }
             }
             match self.open() {
-                Ok(conn) => {
+                Ok((conn, generation)) => {
                     if self.connected_before {
                         crate::metrics::reconnect();
                         log::info!("reconnected to Redis");
@@ -209,9 +372,12 @@ impl Link {
                     self.backoff.reset();
                     self.next_attempt = None;
                     self.last_failure = None;
+                    self.generation = generation;
+                    self.opened += 1;
                     self.conn = Some(conn);
                 }
                 Err(e) => {
+                    self.failed_generation = current;
                     self.next_attempt = Some(Instant::now() + self.backoff.next_delay());
                     self.last_failure = Some(e.to_string());
                     return Err(e);
@@ -222,10 +388,15 @@ impl Link {
         self.conn.as_mut().ok_or_else(|| unavailable(last))
     }
 
-    fn open(&self) -> Result<Connection, RedisError> {
-        let mut conn = self.redis.connect(self.read_timeout)?;
-        (self.on_connect)(&mut conn)?;
-        Ok(conn)
+    fn open(&self) -> Result<(Connection, u64), RedisError> {
+        let (mut conn, generation) = self.redis.connect_tracked(self.read_timeout)?;
+        if let Err(e) = (self.on_connect)(&mut conn) {
+            if is_connection_error(&e) {
+                self.redis.lost(generation);
+            }
+            return Err(e);
+        }
+        Ok((conn, generation))
     }
 
     /// Runs `f` on the connection; a connection error drops the connection
@@ -241,10 +412,13 @@ impl Link {
         result
     }
 
-    /// Drops the connection if `e` left it unusable.
+    /// Drops the connection if `e` left it unusable (and, with sentinels,
+    /// makes the next connection ask them where the master is).
     pub fn check(&mut self, e: &RedisError) {
         if is_connection_error(e) && self.conn.take().is_some() {
             log::warn!("lost the Redis connection: {e}");
+            self.redis.lost(self.generation);
+            self.failed_generation = self.generation;
             self.next_attempt = Some(Instant::now() + self.backoff.next_delay());
             self.last_failure = Some(e.to_string());
         }
@@ -283,9 +457,14 @@ impl Link {
                     }
                 }
             }
-            let wait = self.next_attempt.map_or(BACKOFF_BASE, |at| {
-                at.saturating_duration_since(Instant::now())
-            });
+            // In slices, so that a failover followed meanwhile (which
+            // ends the backoff) is noticed within one.
+            let wait = self
+                .next_attempt
+                .map_or(BACKOFF_BASE, |at| {
+                    at.saturating_duration_since(Instant::now())
+                })
+                .min(WAIT_SLICE);
             if crate::shutdown::wait(shutdown, wait) {
                 return false;
             }

@@ -52,7 +52,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
 use redis::{Connection, RedisError, Value};
 
 use crate::config::Config;
-use crate::connection::{Link, Redis, COMMAND_TIMEOUT};
+use crate::connection::{self, Link, Redis, WaitFor, COMMAND_TIMEOUT};
 use crate::dlq::{self, DeadLetter};
 use crate::notify::{Heartbeat, Heartbeats};
 use crate::record::Fields;
@@ -217,6 +217,10 @@ pub struct Settings {
     /// before acknowledging what it finished and reporting progress; see
     /// [`batch_budget`].
     pub batch_budget: Duration,
+    /// Replicas that must confirm a batch's writes before its entries are
+    /// acknowledged (`REDIS_WAIT_REPLICAS`), and for how long one `WAIT`
+    /// waits.
+    pub wait: Option<WaitFor>,
 }
 
 /// The wall-time budget of a batch: 2 s, and at most a quarter of the
@@ -243,6 +247,7 @@ impl Settings {
             max_deliveries: config.max_deliveries,
             dlq_retain: config.dlq_retain_entries,
             batch_budget: batch_budget(config.claim_idle, crate::notify::watchdog_interval()),
+            wait: WaitFor::from_config(config),
         }
     }
 
@@ -655,6 +660,16 @@ fn parse_entries(entries: &[Value]) -> Vec<(String, Option<Fields>)> {
         .collect()
 }
 
+/// Whether a handled batch's writes reached `REDIS_WAIT_REPLICAS` replicas.
+enum Replicated {
+    /// Yes (or no wait is configured).
+    Yes,
+    /// The connection was lost first: handle the batch again.
+    Lost,
+    /// Shutdown came first.
+    ShuttingDown,
+}
+
 struct Worker {
     link: Link,
     handler: Arc<dyn Handler>,
@@ -820,6 +835,7 @@ impl Worker {
                 stop_by: Cell::new(self.stop_by),
                 last_start: Cell::new(None),
             };
+            let opened = self.link.connections_opened();
             let result = self.link.run(|c| handler.handle(c, batch, &progress));
             self.stop_by = progress.stop_by.get();
             match result {
@@ -830,7 +846,21 @@ impl Worker {
                         started.elapsed(),
                         batch.len() as u64,
                     );
-                    return self.settle(batch, outcomes);
+                    match self.replicated(opened, batch.len()) {
+                        Replicated::Yes => return self.settle(batch, outcomes),
+                        // The connection (and maybe the writes) went with a
+                        // failover: handle again, on the new master.
+                        Replicated::Lost => continue,
+                        Replicated::ShuttingDown => {
+                            log::warn!(
+                                "{}: stopping before replicas confirmed {} handled entries; \
+                                 they stay pending for the next start",
+                                sub.stream,
+                                batch.len()
+                            );
+                            return Vec::new();
+                        }
+                    }
                 }
                 Err(e) if crate::connection::is_connection_error(&e) => {
                     log::warn!(
@@ -869,6 +899,51 @@ impl Worker {
                     metrics::events(sub.stream, sub.group, "failed", batch.len() as u64);
                     return Vec::new();
                 }
+            }
+        }
+    }
+
+    /// With `REDIS_WAIT_REPLICAS`: waits until that many replicas confirmed
+    /// what the handler wrote on the connection it used (opened as the
+    /// `opened`-th), before anything is acknowledged. A `WAIT` that times
+    /// out is asked again: the entries are done, and giving up would only
+    /// deliver them again.
+    fn replicated(&mut self, opened: u64, entries: usize) -> Replicated {
+        let Some(w) = self.settings.wait else {
+            return Replicated::Yes;
+        };
+        // The reply must come within the link's read timeout.
+        let millis = w.millis_within(COMMAND_TIMEOUT - Duration::from_millis(500));
+        let mut warned = false;
+        loop {
+            self.beat.beat();
+            if !self.link.is_connected() || self.link.connections_opened() != opened {
+                return Replicated::Lost;
+            }
+            match self.link.run(|c| connection::wait(c, w.replicas, millis)) {
+                Ok(n) if n >= w.replicas => return Replicated::Yes,
+                Ok(n) => {
+                    if !warned {
+                        log::warn!(
+                            "{entries} handled entries confirmed by {n} of {} replicas \
+                             within {millis} ms (REDIS_WAIT_REPLICAS): waiting before \
+                             acknowledging them",
+                            w.replicas
+                        );
+                        metrics::wait_unconfirmed(entries as u64);
+                        warned = true;
+                    }
+                }
+                Err(e) if connection::is_connection_error(&e) => return Replicated::Lost,
+                Err(e) => {
+                    log::warn!("WAIT failed: {e}; retrying");
+                    if crate::shutdown::wait(&self.shutdown, Duration::from_millis(100)) {
+                        return Replicated::ShuttingDown;
+                    }
+                }
+            }
+            if crate::shutdown::is_started(&self.shutdown) {
+                return Replicated::ShuttingDown;
             }
         }
     }

@@ -268,10 +268,11 @@ fn hex(b: u8) -> Option<u8> {
 }
 
 /// Answers the routes every service has; `None` if `request` is not one
-/// of them (the caller answers it).
+/// of them (the caller answers it). `ready` says why not, or what to add
+/// to the `200` body of `/readyz` (the master in use, with sentinels).
 pub fn ops_route(
     request: Request,
-    ready: impl Fn() -> Result<(), String>,
+    ready: impl Fn() -> Result<serde_json::Map<String, serde_json::Value>, String>,
     metrics: impl Fn() -> String,
 ) -> Option<Request> {
     let is_get = matches!(
@@ -281,7 +282,10 @@ pub fn ops_route(
     let response = match path(request.url()) {
         "/healthz" if is_get => json(200, &json!({ "status": "ok" })),
         "/readyz" if is_get => match ready() {
-            Ok(()) => json(200, &json!({ "status": "ready" })),
+            Ok(mut extra) => {
+                extra.insert("status".into(), "ready".into());
+                json(200, &serde_json::Value::Object(extra))
+            }
             Err(why) => json(503, &json!({ "status": "not ready", "error": why })),
         },
         "/metrics" if is_get => text(200, metrics(), "text/plain; version=0.0.4"),

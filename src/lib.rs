@@ -17,7 +17,8 @@
 //!   needs.
 //!
 //! Operating it: [`config`], [`connection`] (Redis with timeouts and
-//! reconnection), [`metrics`], [`notify`] (systemd), [`logger`], [`shutdown`].
+//! reconnection), [`sentinel`] (finding and following the master),
+//! [`metrics`], [`notify`] (systemd), [`logger`], [`shutdown`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -33,6 +34,7 @@ pub mod metrics;
 pub mod notify;
 pub mod producer;
 pub mod record;
+pub mod sentinel;
 pub mod services;
 pub mod shutdown;
 pub mod topology;

@@ -34,6 +34,8 @@ struct Registry {
     trim_held_back: Mutex<BTreeMap<(String, String), u64>>,
     latency: Mutex<BTreeMap<(String, String), Histogram>>,
     reconnects: AtomicU64,
+    failovers: AtomicU64,
+    wait_unconfirmed: AtomicU64,
     orders_batched: AtomicU64,
     order_batches: AtomicU64,
 }
@@ -129,6 +131,17 @@ pub fn handler_latency(stream: &str, group: &str, elapsed: Duration, n: u64) {
 /// Counts one reconnection to Redis.
 pub fn reconnect() {
     registry().reconnects.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Counts one failover followed: the sentinels named a new master.
+pub fn failover() {
+    registry().failovers.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Counts `n` writes that fewer replicas than `REDIS_WAIT_REPLICAS`
+/// confirmed in time.
+pub fn wait_unconfirmed(n: u64) {
+    registry().wait_unconfirmed.fetch_add(n, Ordering::Relaxed);
 }
 
 /// Counts one group-committed batch of `n` orders.
@@ -273,6 +286,18 @@ pub fn render(groups: &[GroupGauge]) -> String {
         "redis_reconnects_total",
         "Reconnections to Redis after a lost connection.",
         r.reconnects.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut out,
+        "redis_failovers_total",
+        "Failovers followed: the sentinels named a new master and every connection moved to it.",
+        r.failovers.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut out,
+        "redis_wait_unconfirmed_total",
+        "Orders answered 503, or entries not yet acknowledged, because fewer replicas than REDIS_WAIT_REPLICAS confirmed them in time.",
+        r.wait_unconfirmed.load(Ordering::Relaxed),
     );
     let batches = r.order_batches.load(Ordering::Relaxed);
     if batches > 0 {

@@ -21,6 +21,12 @@
 //! batch fails only its own requests, with `503`; an order not written
 //! within the request timeout is answered `503`.
 //!
+//! With `REDIS_WAIT_REPLICAS=N` each batch ends with one `WAIT N`, in the
+//! same pipeline: an order is answered `2xx` only once N replicas have it
+//! (a failover can then not lose it), else `503`. One `WAIT` per batch, so
+//! group commit keeps its throughput; its timeout is clamped so that the
+//! answer still comes within the request timeout.
+//!
 //! `XADD ... NOMKSTREAM` never creates the stream: if it is gone (`FLUSHALL`,
 //! Redis restarted empty) the writer recreates the topology's groups first
 //! and writes again, so no order is ever written where a group cannot see it.
@@ -33,7 +39,7 @@ use redis::Value;
 use serde_json::json;
 use tiny_http::Request;
 
-use crate::connection::{Link, Redis};
+use crate::connection::{Link, Redis, WaitFor};
 use crate::http;
 use crate::notify::Heartbeat;
 use crate::record::Order;
@@ -72,6 +78,8 @@ struct State {
 pub struct Producer {
     state: Arc<Mutex<State>>,
     timeout: Duration,
+    read_timeout: Duration,
+    wait: Option<WaitFor>,
 }
 
 impl Producer {
@@ -93,7 +101,33 @@ impl Producer {
         Producer {
             state: Arc::new(Mutex::new(state)),
             timeout,
+            read_timeout,
+            wait: None,
         }
+    }
+
+    /// Answers `2xx` only once `wait` replicas confirmed an order's batch.
+    pub fn with_wait(mut self, wait: Option<WaitFor>) -> Producer {
+        self.wait = wait;
+        self
+    }
+
+    /// The `WAIT` for a batch whose oldest order must be answered by
+    /// `deadline`: within the request timeout, and within the connection's
+    /// read timeout (the reply must come before the read gives up).
+    fn wait_for(&self, deadline: Instant) -> Option<Wait> {
+        let w = self.wait?;
+        // Redis ends a timed-out WAIT on its next event-loop tick (up to
+        // 100 ms late at the default `hz 10`): leave room for that.
+        let margin = Duration::from_millis(200);
+        let budget = deadline
+            .saturating_duration_since(Instant::now())
+            .min(self.read_timeout)
+            .saturating_sub(margin);
+        Some(Wait {
+            replicas: w.replicas,
+            millis: w.millis_within(budget),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -168,15 +202,22 @@ impl Producer {
                     http::error(503, "Redis did not answer within the request timeout"),
                 );
             }
-            if !live.is_empty() {
-                write_batch(&mut link, live);
+            if let Some(oldest) = live.iter().map(|j| j.deadline).min() {
+                write_batch(&mut link, live, self.wait_for(oldest));
             }
         }
         Some(link)
     }
 }
 
-fn write_batch(link: &mut Link, batch: Vec<Job>) {
+/// One `WAIT` at the end of a batch's pipeline.
+#[derive(Debug, Clone, Copy)]
+struct Wait {
+    replicas: u64,
+    millis: u64,
+}
+
+fn write_batch(link: &mut Link, batch: Vec<Job>, wait: Option<Wait>) {
     crate::metrics::order_batch(batch.len() as u64);
     // These orders wait for an answer: try Redis now rather than fail them
     // because an earlier batch failed.
@@ -184,25 +225,37 @@ fn write_batch(link: &mut Link, batch: Vec<Job>) {
     let mut pending = batch;
     // Second pass only for orders whose stream had vanished.
     for attempt in 0..2 {
-        let replies = link.run(|conn| xadd_all(conn, &pending));
-        let replies = match replies {
-            Ok(r) if r.len() == pending.len() => r,
+        let replies = link.run(|conn| xadd_all(conn, &pending, wait));
+        let mut replies = match replies {
+            Ok(r) if r.len() == pending.len() + usize::from(wait.is_some()) => r,
             Ok(_) => {
                 link.reset();
                 return fail_all(pending, "unexpected reply from Redis");
             }
             Err(e) => return fail_all(pending, &format!("Redis unavailable: {e}")),
         };
+        let confirmed = wait.map(|_| replies.pop().and_then(|v| crate::value::as_i64(&v)));
         let mut missing_stream = Vec::new();
+        let mut written = Vec::new();
         for (job, reply) in pending.into_iter().zip(replies) {
             match reply {
                 Value::Nil => missing_stream.push(job),
                 other => match crate::value::as_string(&other) {
-                    Some(id) => answer_ok(job, id),
+                    Some(id) => written.push((job, id)),
                     None => {
                         http::respond(job.request, http::error(503, "unexpected reply from Redis"))
                     }
                 },
+            }
+        }
+        match (wait, confirmed) {
+            (Some(w), Some(n)) if n.unwrap_or(0) < w.replicas as i64 => {
+                not_confirmed(written, w, n.unwrap_or(0))
+            }
+            _ => {
+                for (job, id) in written {
+                    answer_ok(job, id);
+                }
             }
         }
         if missing_stream.is_empty() {
@@ -224,7 +277,12 @@ fn write_batch(link: &mut Link, batch: Vec<Job>) {
     fail_all(pending, "order-events keeps disappearing");
 }
 
-fn xadd_all(conn: &mut redis::Connection, jobs: &[Job]) -> redis::RedisResult<Vec<Value>> {
+/// The batch's `XADD`s, then its `WAIT` if any: one round trip.
+fn xadd_all(
+    conn: &mut redis::Connection,
+    jobs: &[Job],
+    wait: Option<Wait>,
+) -> redis::RedisResult<Vec<Value>> {
     let mut pipe = redis::pipe();
     for job in jobs {
         let cmd = pipe
@@ -236,7 +294,28 @@ fn xadd_all(conn: &mut redis::Connection, jobs: &[Job]) -> redis::RedisResult<Ve
             cmd.arg(k).arg(v);
         }
     }
+    if let Some(w) = wait {
+        pipe.cmd("WAIT").arg(w.replicas).arg(w.millis);
+    }
     pipe.query(conn)
+}
+
+/// Written, but fewer than `REDIS_WAIT_REPLICAS` replicas have them: a
+/// failover now could lose them, so they are not promised.
+fn not_confirmed(written: Vec<(Job, String)>, wait: Wait, got: i64) {
+    if written.is_empty() {
+        return;
+    }
+    crate::metrics::wait_unconfirmed(written.len() as u64);
+    let why = format!(
+        "written, but confirmed by {got} of {} replicas within {} ms (REDIS_WAIT_REPLICAS); \
+         a retry with the same Idempotency-Key is safe",
+        wait.replicas, wait.millis
+    );
+    log::warn!("{} order(s) not confirmed: {why}", written.len());
+    for (job, _) in written {
+        http::respond(job.request, http::error(503, &why));
+    }
 }
 
 fn answer_ok(job: Job, id: String) {

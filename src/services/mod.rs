@@ -80,14 +80,37 @@ impl Probe {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).run(f)
     }
 
-    /// `Ok` when Redis answers and every group of the topology exists.
-    ///
+    /// `Ok` when Redis answers and every group of the topology exists,
+    /// with what `/readyz` adds to its body: with sentinels, the master in
+    /// use (`master`, `host:port`) and its name (`sentinelMaster`).
+    pub fn ready(&self) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+        let redis = self.0.lock().unwrap_or_else(|e| e.into_inner()).redis();
+        let result = self.check_ready();
+        let mut extra = serde_json::Map::new();
+        if let Some((name, addr)) = redis.master() {
+            match &result {
+                Err(e) => {
+                    let at = addr
+                        .map_or_else(|| "not found yet".to_string(), |a| format!("last at {a}"));
+                    return Err(format!("{e} (sentinel master {name}, {at})"));
+                }
+                Ok(()) => {
+                    extra.insert("sentinelMaster".into(), name.into());
+                    if let Some(a) = addr {
+                        extra.insert("master".into(), a.into());
+                    }
+                }
+            }
+        }
+        result.map(|()| extra)
+    }
+
     /// Missing groups are created here, not only when work arrives: after
     /// Redis restarted empty, a load balancer waits for `/readyz` before it
     /// sends the order that would have recreated them, so a probe that only
     /// looked would say 503 forever. Creating a group at ID `0` is what
     /// every service does at start, so it is safe at any moment.
-    pub fn ready(&self) -> Result<(), String> {
+    fn check_ready(&self) -> Result<(), String> {
         // XINFO GROUPS answering is the proof that Redis answers.
         match self.run(topology::group_gauges) {
             Ok(gauges) if topology::groups_present(&gauges) => return Ok(()),
@@ -186,6 +209,7 @@ pub fn run_consumer(
     consumer: Consumer,
 ) -> Result<(), ServiceError> {
     let redis = Redis::new(config)?;
+    redis.watch_failovers();
     let server = HttpServer::bind(config.http_addr)?;
     let probe = Probe::new(&redis);
     let beats = notify::Heartbeats::new();

@@ -13,7 +13,7 @@ use tiny_http::{Header, Method, Request};
 
 use super::{join_all, Probe, ServiceError};
 use crate::config::Config;
-use crate::connection::Redis;
+use crate::connection::{Redis, WaitFor};
 use crate::http::{self, BodyError, HttpServer};
 use crate::producer::Producer;
 use crate::record::{FieldError, Order, Problem};
@@ -22,11 +22,13 @@ use crate::{notify, topology, trim};
 /// Runs order-service until `shutdown` fires.
 pub fn run(config: &Config, shutdown: Receiver<()>) -> Result<(), ServiceError> {
     let redis = Redis::new(config)?;
+    redis.watch_failovers();
     let server = HttpServer::bind(config.http_addr)?;
     log::info!("order-service listening on http://{}", server.addr());
     let probe = Probe::new(&redis);
     let beats = notify::Heartbeats::new();
-    let producer = Producer::new(&redis, 2, config.request_timeout);
+    let producer =
+        Producer::new(&redis, 2, config.request_timeout).with_wait(WaitFor::from_config(config));
 
     // Orders are answered 503 until the groups exist; every connection that
     // writes orders creates them too when it connects, so this only decides

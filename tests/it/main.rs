@@ -46,3 +46,7 @@ mod promises;
 // receiver, and faults that must never count as failed deliveries.
 mod fault_counting;
 mod slow_webhook;
+
+// High availability (issue 15): following a Sentinel failover, WAIT for
+// replicas before answering or acknowledging.
+mod sentinel;

@@ -16,6 +16,7 @@ mod http;
 mod proxy;
 mod redis;
 pub mod secure;
+pub mod sentinel;
 mod service;
 mod wait;
 mod webhook;
