@@ -789,6 +789,16 @@ fn no_such_key(e: &RedisError) -> bool {
 struct StatusReport {
     redis: String,
     streams: Vec<StreamStatus>,
+    idempotency_keys: IdempotencyKeys,
+}
+
+/// The `Idempotency-Key`s order-service holds (each until its TTL).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct IdempotencyKeys {
+    /// The `SCAN MATCH` pattern counted.
+    pattern: String,
+    held: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -882,7 +892,33 @@ fn status(conn: &mut Connection, url: &str, retain: u64) -> Result<StatusReport,
     Ok(StatusReport {
         redis: redact(url),
         streams,
+        idempotency_keys: idempotency_keys(conn, topology::ORDER_EVENTS)?,
     })
+}
+
+/// Counts the keys of `stream` with `SCAN MATCH <stream>:idem:* COUNT
+/// 1000`: exact, and free for the write path (no counter to keep), but
+/// it walks the whole keyspace in steps that never block Redis for long
+/// (about a second per million keys).
+fn idempotency_keys(conn: &mut Connection, stream: &str) -> Result<IdempotencyKeys, Error> {
+    let pattern = crate::idempotency::key_pattern(stream);
+    let mut cursor = 0u64;
+    let mut held = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<Value>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query(conn)
+            .map_err(failed(format!("SCAN MATCH {pattern}")))?;
+        held += keys.len() as u64;
+        if next == 0 {
+            return Ok(IdempotencyKeys { pattern, held });
+        }
+        cursor = next;
+    }
 }
 
 fn stream_status(
@@ -1077,6 +1113,10 @@ impl Report for StatusReport {
                 ));
             }
         }
+        out.push_str(&format!(
+            "idempotency keys held: {} ({}, counted with SCAN)\n",
+            self.idempotency_keys.held, self.idempotency_keys.pattern
+        ));
         out.push('\n');
         out.push_str(&groups.render());
         out.push('\n');

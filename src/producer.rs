@@ -29,6 +29,7 @@ use tiny_http::Request;
 
 use crate::connection::{Link, Redis};
 use crate::http;
+use crate::idempotency::{self, Outcome};
 use crate::record::Order;
 use crate::topology::{self, ORDER_EVENTS};
 
@@ -44,6 +45,8 @@ struct Job {
     /// `200` for `GET /order`, `201` for `POST /orders`.
     status: u16,
     deadline: Instant,
+    /// The request's `Idempotency-Key`, if it had one.
+    key: Option<String>,
 }
 
 /// The queue, and the Redis links no writer holds right now. A worker
@@ -60,6 +63,8 @@ struct State {
 pub struct Producer {
     state: Arc<Mutex<State>>,
     timeout: Duration,
+    /// How long an `Idempotency-Key` is remembered, in seconds.
+    idempotency_ttl_s: u64,
 }
 
 impl Producer {
@@ -81,7 +86,14 @@ impl Producer {
         Producer {
             state: Arc::new(Mutex::new(state)),
             timeout,
+            idempotency_ttl_s: 86_400,
         }
+    }
+
+    /// Remembers each `Idempotency-Key` for `seconds` (`IDEMPOTENCY_TTL_S`).
+    pub fn with_idempotency_ttl(mut self, seconds: u64) -> Producer {
+        self.idempotency_ttl_s = seconds.max(1);
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -92,11 +104,20 @@ impl Producer {
     /// ID, or `503`. Returns once the order is queued, or after writing it
     /// (and whatever queued meanwhile) if no write was in flight.
     pub fn submit(&self, order: Order, request: Request, status: u16) {
+        self.submit_keyed(order, None, request, status);
+    }
+
+    /// [`Producer::submit`] for a request that may carry an
+    /// `Idempotency-Key` (see [`crate::idempotency`]): the order rides the
+    /// same batches, and a batch holding a keyed order is written by one
+    /// script call instead of pipelined `XADD`s.
+    pub fn submit_keyed(&self, order: Order, key: Option<String>, request: Request, status: u16) {
         let job = Job {
             order,
             request,
             status,
             deadline: Instant::now() + self.timeout,
+            key,
         };
         let link = {
             let mut state = self.lock();
@@ -137,13 +158,13 @@ impl Producer {
                 );
             }
             if !live.is_empty() {
-                write_batch(&mut link, live);
+                write_batch(&mut link, live, self.idempotency_ttl_s);
             }
         }
     }
 }
 
-fn write_batch(link: &mut Link, batch: Vec<Job>) {
+fn write_batch(link: &mut Link, batch: Vec<Job>, idempotency_ttl_s: u64) {
     crate::metrics::order_batch(batch.len() as u64);
     // These orders wait for an answer: try Redis now rather than fail them
     // because an earlier batch failed.
@@ -151,7 +172,7 @@ fn write_batch(link: &mut Link, batch: Vec<Job>) {
     let mut pending = batch;
     // Second pass only for orders whose stream had vanished.
     for attempt in 0..2 {
-        let replies = link.run(|conn| xadd_all(conn, &pending));
+        let replies = link.run(|conn| write_all(conn, &pending, idempotency_ttl_s));
         let replies = match replies {
             Ok(r) if r.len() == pending.len() => r,
             Ok(_) => {
@@ -162,14 +183,9 @@ fn write_batch(link: &mut Link, batch: Vec<Job>) {
         };
         let mut missing_stream = Vec::new();
         for (job, reply) in pending.into_iter().zip(replies) {
-            match reply {
-                Value::Nil => missing_stream.push(job),
-                other => match crate::value::as_string(&other) {
-                    Some(id) => answer_ok(job, id),
-                    None => {
-                        http::respond(job.request, http::error(503, "unexpected reply from Redis"))
-                    }
-                },
+            match Outcome::of(&reply) {
+                Outcome::StreamMissing => missing_stream.push(job),
+                outcome => answer(job, outcome),
             }
         }
         if missing_stream.is_empty() {
@@ -189,6 +205,27 @@ fn write_batch(link: &mut Link, batch: Vec<Job>) {
         }
     }
     fail_all(pending, "order-events keeps disappearing");
+}
+
+/// Writes a batch in one round trip: pipelined `XADD`s when no order has a
+/// key (the path and cost of orders without one), else one script call.
+fn write_all(
+    conn: &mut redis::Connection,
+    jobs: &[Job],
+    idempotency_ttl_s: u64,
+) -> redis::RedisResult<Vec<Value>> {
+    if jobs.iter().all(|j| j.key.is_none()) {
+        return xadd_all(conn, jobs);
+    }
+    let items: Vec<idempotency::Item<'_>> = jobs
+        .iter()
+        .map(|j| idempotency::Item {
+            order: &j.order,
+            key: j.key.as_deref(),
+            status: j.status,
+        })
+        .collect();
+    idempotency::write_batch(conn, ORDER_EVENTS, idempotency_ttl_s, &items)
 }
 
 fn xadd_all(conn: &mut redis::Connection, jobs: &[Job]) -> redis::RedisResult<Vec<Value>> {
@@ -211,6 +248,29 @@ fn answer_ok(job: Job, id: String) {
         job.request,
         http::json(job.status, &json!({ "status": "ok", "orderId": id })),
     );
+}
+
+/// Answers one order of a written batch.
+fn answer(job: Job, outcome: Outcome) {
+    match outcome {
+        Outcome::Written(id) => answer_ok(job, id),
+        Outcome::Replayed { status, order_id } => {
+            let body = json!({ "status": "ok", "orderId": order_id });
+            let response = http::json(status, &body).with_header(idempotency::replayed_header());
+            http::respond(job.request, response);
+        }
+        Outcome::Conflict => http::respond(
+            job.request,
+            http::error(
+                422,
+                "Idempotency-Key was already used for an order with other userId, productId \
+                 or price; nothing written (use a new key for a new order)",
+            ),
+        ),
+        Outcome::StreamMissing | Outcome::Unexpected => {
+            http::respond(job.request, http::error(503, "unexpected reply from Redis"))
+        }
+    }
 }
 
 fn fail_all(jobs: Vec<Job>, why: &str) {

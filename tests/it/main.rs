@@ -41,3 +41,6 @@ mod startup;
 // Promises of the README's "Guarantees" and "Security" that had no test
 // (issue 11).
 mod promises;
+
+// A retried order is never a second order: the Idempotency-Key (issue 13).
+mod idempotent_intake;
