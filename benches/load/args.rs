@@ -17,6 +17,9 @@ modes:
              like /order, and raw XADD round trips (sequential, pipelined)
   load       N orders from C clients to /order, then waits until every group
              has consumed everything: requests/s, latency, end-to-end orders/s
+  keyed      R rounds of two /order loads, without and with a fresh
+             Idempotency-Key per request (order alternating by round):
+             requests/s, p50/p99 of each and keyed / unkeyed
   latency    orders at a fixed rate; order -> payment-event latency
   ready      spawns each service binary from --bin-dir and times spawn ->
              first 200 on /readyz, idle RSS and SIGTERM -> exit
@@ -32,7 +35,7 @@ flags:
   -c C               concurrent clients          [16]
   --rate R           orders/s in latency mode    [200]
   --seconds S        latency mode duration       [10]
-  --rounds R         rounds (all, reference, ready) [3]
+  --rounds R         rounds (all, reference, ready, keyed) [3]
   --client raw|ureq  HTTP client                 [raw]
   --workers W        bare tiny_http worker threads [number of CPUs]
   --pipeline B       XADDs per pipelined batch   [64]
@@ -54,6 +57,8 @@ pub enum Mode {
     Reference,
     /// `/order` load and end-to-end drain.
     Load,
+    /// `/order` without and with an `Idempotency-Key`, side by side.
+    Keyed,
     /// Fixed-rate order -> payment latency.
     Latency,
     /// Spawn -> ready of each binary.
@@ -156,6 +161,7 @@ fn parse_mode(word: &str) -> Result<Mode, String> {
         "all" => Mode::All,
         "reference" => Mode::Reference,
         "load" => Mode::Load,
+        "keyed" => Mode::Keyed,
         "latency" => Mode::Latency,
         "ready" => Mode::Ready,
         "rss" => Mode::Rss,
