@@ -147,7 +147,9 @@ fn load(args: &Args, progress: &Progress) -> Result<(), String> {
     report::settings(args);
     let procs = procs::services(&args.pids);
     let before = memory(&procs);
-    let run = system::run(args, progress)?;
+    let prefix = format!("load-{}", run_id());
+    let keys = args.fresh_keys.then_some(prefix.as_str());
+    let run = system::run_with_keys(args, progress, keys)?;
     report::system(&run);
     report::memory(&procs, &before, &memory(&procs));
     Ok(())
@@ -159,11 +161,7 @@ fn load(args: &Args, progress: &Progress) -> Result<(), String> {
 fn keyed(args: &Args, progress: &Progress) -> Result<(), String> {
     system::preflight(args)?;
     report::settings(args);
-    // Keys unique to this invocation, so a rerun within IDEMPOTENCY_TTL_S
-    // never replays an earlier run's orders.
-    let run_id = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
+    let run_id = run_id();
     let mut pairs = Vec::with_capacity(args.rounds);
     for r in 1..=args.rounds {
         progress.round(format!("round {r}/{}", args.rounds));
@@ -191,6 +189,14 @@ fn keyed(args: &Args, progress: &Progress) -> Result<(), String> {
     progress.idle();
     report::keyed(&pairs);
     Ok(())
+}
+
+/// Milliseconds since the epoch: makes the keys of one invocation unique,
+/// so a rerun within IDEMPOTENCY_TTL_S never replays an earlier run's.
+fn run_id() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
 }
 
 fn latency(args: &Args, progress: &Progress) -> Result<(), String> {

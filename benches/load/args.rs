@@ -39,6 +39,8 @@ flags:
   --client raw|ureq  HTTP client                 [raw]
   --workers W        bare tiny_http worker threads [number of CPUs]
   --pipeline B       XADDs per pipelined batch   [64]
+  --keys none|fresh  load mode: no Idempotency-Key, or a fresh one per
+                     request                     [none]
   --pids P,P,...     service pids for RSS        [found by /proc/*/comm]
   --bin-dir DIR      where the service binaries are (ready mode)
   --time-limit S     cap on any one phase        [120]
@@ -94,6 +96,8 @@ pub struct Args {
     pub workers: usize,
     /// XADDs per pipelined batch.
     pub pipeline: usize,
+    /// Whether `load` sends a fresh `Idempotency-Key` with every request.
+    pub fresh_keys: bool,
     /// Service pids given with `--pids`; empty means "look them up".
     pub pids: Vec<u32>,
     /// Directory of the service binaries (ready mode).
@@ -120,6 +124,7 @@ impl Default for Args {
             client: ClientKind::Raw,
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             pipeline: 64,
+            fresh_keys: false,
             pids: Vec::new(),
             bin_dir: None,
             time_limit: Duration::from_secs(120),
@@ -182,6 +187,13 @@ fn set_flag(args: &mut Args, flag: &str, value: &str) -> Result<(), String> {
         "--client" => args.client = ClientKind::parse(value)?,
         "--workers" => args.workers = number(flag, value)?,
         "--pipeline" => args.pipeline = number(flag, value)?,
+        "--keys" => {
+            args.fresh_keys = match value {
+                "none" => false,
+                "fresh" => true,
+                _ => return Err(format!("--keys wants none or fresh, not {value:?}")),
+            }
+        }
         "--pids" => args.pids = pids(value)?,
         "--bin-dir" => args.bin_dir = Some(PathBuf::from(value)),
         "--time-limit" => args.time_limit = Duration::from_secs(number(flag, value)?),
