@@ -330,6 +330,18 @@ fn a_503_from_a_frozen_redis_then_retries_with_the_key_make_one_order_and_one_pa
     );
     order.expect_status(&answer, 200);
     let id = answer.json_str("orderId").unwrap().to_string();
+    // Whether Redis applied the frozen request after it thawed (the retry
+    // is then a replay of it) or not (the retry wrote it): one order both
+    // ways, which is the point.
+    eprintln!(
+        "frozen: 503 after {} ms; first accepted retry {}",
+        flow::ms(took),
+        if answer.header(REPLAYED).is_some() {
+            "replayed the order Redis applied after it thawed"
+        } else {
+            "wrote the order"
+        }
+    );
     // Once more, for good measure: a replay of the same order.
     expect_replay(&order, &get_with_key(&order, &path, key), 200, &id);
 
