@@ -67,6 +67,7 @@ fn try_main() -> Result<(), String> {
         Mode::All => all(&args, &progress),
         Mode::Reference => reference(&args, &progress),
         Mode::Load => load(&args, &progress),
+        Mode::Keyed => keyed(&args, &progress),
         Mode::Latency => latency(&args, &progress),
         Mode::Ready => ready(&args, &progress),
         Mode::Wan => wan(&args, &progress),
@@ -146,10 +147,56 @@ fn load(args: &Args, progress: &Progress) -> Result<(), String> {
     report::settings(args);
     let procs = procs::services(&args.pids);
     let before = memory(&procs);
-    let run = system::run(args, progress)?;
+    let prefix = format!("load-{}", run_id());
+    let keys = args.fresh_keys.then_some(prefix.as_str());
+    let run = system::run_with_keys(args, progress, keys)?;
     report::system(&run);
     report::memory(&procs, &before, &memory(&procs));
     Ok(())
+}
+
+/// `/order` without and with a fresh `Idempotency-Key` per request, for
+/// `--rounds` rounds; which goes first alternates, so a drift of the
+/// machine's state within a round favours neither.
+fn keyed(args: &Args, progress: &Progress) -> Result<(), String> {
+    system::preflight(args)?;
+    report::settings(args);
+    let run_id = run_id();
+    let mut pairs = Vec::with_capacity(args.rounds);
+    for r in 1..=args.rounds {
+        progress.round(format!("round {r}/{}", args.rounds));
+        let prefix = format!("load-{run_id}-{r}");
+        let mut plain = None;
+        let mut keyed = None;
+        for keyed_turn in [r % 2 == 0, r % 2 == 1] {
+            let run = if keyed_turn {
+                system::run_with_keys(args, progress, Some(&prefix))
+            } else {
+                system::run(args, progress)
+            };
+            let run = run.map_err(|e| format!("round {r}: {e}"))?;
+            if keyed_turn {
+                keyed = Some(run);
+            } else {
+                plain = Some(run);
+            }
+            reference::settle();
+        }
+        if let (Some(plain), Some(keyed)) = (plain, keyed) {
+            pairs.push((plain, keyed));
+        }
+    }
+    progress.idle();
+    report::keyed(&pairs);
+    Ok(())
+}
+
+/// Milliseconds since the epoch: makes the keys of one invocation unique,
+/// so a rerun within IDEMPOTENCY_TTL_S never replays an earlier run's.
+fn run_id() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
 }
 
 fn latency(args: &Args, progress: &Progress) -> Result<(), String> {

@@ -17,10 +17,19 @@
 #   50 ms (the load tool's own delay proxy between the services it starts
 #   and Redis) and -c 64 and 256: /order, end-to-end, order -> payment p50
 #   and CPU per order per process. RTTS="0 10" and CLIENTS="64" narrow it.
+#        scripts/bench.sh MODE [load flags]
+#   MODE: the load tool's mode run against the services in step 4, `all`
+#   by default; `keyed` compares /order without and with an
+#   Idempotency-Key (step 3 is then skipped).
 # The results are printed and kept in target/bench/load-<date>.txt; on a
 # failure the logs (redis, services) are kept and their path printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+mode=all
+case "${1:-}" in
+  all | keyed | load | latency) mode="$1"; shift ;;
+esac
 
 for tool in redis-server redis-cli curl cargo; do
   command -v "$tool" >/dev/null 2>&1 || {
@@ -133,7 +142,9 @@ if [ "${1:-}" = --wan ]; then
   exit 0
 fi
 
-load ready --bin-dir target/release --redis "$REDIS_URL" --rounds 5 | tee -a "$results"
+if [ "$mode" = all ]; then
+  load ready --bin-dir target/release --redis "$REDIS_URL" --rounds 5 | tee -a "$results"
+fi
 
 order_port=""
 for svc in order-service payment-service notification-service; do
@@ -147,6 +158,6 @@ for svc in order-service payment-service notification-service; do
 done
 pids="$(IFS=,; echo "${service_pids[*]}")"
 
-load all --url "http://127.0.0.1:$order_port" --redis "$REDIS_URL" --pids "$pids" "$@" \
+load "$mode" --url "http://127.0.0.1:$order_port" --redis "$REDIS_URL" --pids "$pids" "$@" \
   | tee -a "$results"
 echo "results kept in $results"

@@ -75,6 +75,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { var: "NOTIFY_WEBHOOK_URL", default: None, help: "also POST each notification as JSON to this URL", services: NOTIFICATION },
     Setting { var: "WEBHOOK_TIMEOUT_MS", default: Some("5000"), help: "timeout of one webhook delivery", services: NOTIFICATION },
     Setting { var: "REQUEST_TIMEOUT_MS", default: Some("2000"), help: "an order not written within this time is answered 503", services: ORDER },
+    Setting { var: "IDEMPOTENCY_TTL_S", default: Some("86400"), help: "how long an Idempotency-Key is remembered (a retry within it is answered with the first order)", services: ORDER },
     Setting { var: "HTTP_WORKERS", default: Some("4"), help: "threads answering HTTP requests (up to two also write order batches)", services: ORDER },
     Setting { var: "HANDLER_THREADS", default: Some("2"), help: "threads handling events", services: CONSUMERS },
     Setting { var: "BATCH_SIZE", default: Some("64"), help: "entries read (XREADGROUP COUNT) and handled per batch", services: CONSUMERS },
@@ -111,6 +112,8 @@ pub struct Config {
     pub webhook_timeout: Duration,
     /// Time within which an order is written or answered 503.
     pub request_timeout: Duration,
+    /// Seconds an `Idempotency-Key` is remembered.
+    pub idempotency_ttl_s: u64,
     /// HTTP worker threads.
     pub http_workers: usize,
     /// Handler threads.
@@ -339,6 +342,7 @@ impl<E: Fn(&str) -> Option<String>> Raw<'_, E> {
             webhook_url,
             webhook_timeout: self.millis("WEBHOOK_TIMEOUT_MS", 1)?,
             request_timeout: self.millis("REQUEST_TIMEOUT_MS", 10)?,
+            idempotency_ttl_s: self.number("IDEMPOTENCY_TTL_S", 1)?,
             http_workers: self.number("HTTP_WORKERS", 1)? as usize,
             handler_threads: self.number("HANDLER_THREADS", 1)? as usize,
             batch_size: self.number("BATCH_SIZE", 1)? as usize,
@@ -584,5 +588,16 @@ mod tests {
         let h = help(Service::Order);
         assert!(h.contains("REDIS_URL") && h.contains("REQUEST_TIMEOUT_MS"));
         assert!(!h.contains("NOTIFY_WEBHOOK_URL"));
+    }
+
+    #[test]
+    fn idempotency_keys_are_remembered_for_a_day_unless_told() {
+        assert_eq!(config(Service::Order, &[], &[]).idempotency_ttl_s, 86_400);
+        let c = config(Service::Order, &[], &[("IDEMPOTENCY_TTL_S", "60")]);
+        assert_eq!(c.idempotency_ttl_s, 60);
+        let e = parse_with(Service::Order, &[], &[("IDEMPOTENCY_TTL_S", "0")]).unwrap_err();
+        assert!(e.to_string().contains("IDEMPOTENCY_TTL_S"), "{e}");
+        let e = parse_with(Service::Payment, &["--idempotency-ttl-s", "5"], &[]).unwrap_err();
+        assert!(e.to_string().contains("--idempotency-ttl-s"), "{e}");
     }
 }

@@ -7,6 +7,8 @@
 //!   ([`record`]);
 //! * [`producer`]: concurrent orders are group-committed into pipelined
 //!   `XADD`s to `order-events` ([`topology`] names the streams and groups);
+//!   orders with an `Idempotency-Key` ride the same batches, written with
+//!   their keys in one script call ([`idempotency`]);
 //! * [`consumer`]: a reader thread per subscription hands entries over a
 //!   bounded channel to handler threads, which acknowledge only after the
 //!   work is done, claim what dead consumers left, and dead-letter what can
@@ -29,6 +31,7 @@ pub mod connection;
 pub mod consumer;
 pub mod dlq;
 pub mod http;
+pub mod idempotency;
 pub mod logger;
 pub mod metrics;
 pub mod notify;

@@ -21,6 +21,11 @@
 //! batch fails only its own requests, with `503`; an order not written
 //! within the request timeout is answered `503`.
 //!
+//! Orders with an `Idempotency-Key` ride the same batches: a batch holding
+//! one is written by one script call ([`crate::idempotency`]) that checks
+//! and stores the keys and `XADD`s every order of the batch atomically; a
+//! batch without keys is the pipelined `XADD`s, as before.
+//!
 //! With `REDIS_WAIT_REPLICAS=N` each batch ends with one `WAIT N`, in the
 //! same pipeline: an order is answered `2xx` only once N replicas have it
 //! (a failover can then not lose it), else `503`. One `WAIT` per batch, so
@@ -41,6 +46,7 @@ use tiny_http::Request;
 
 use crate::connection::{Link, Redis, WaitFor};
 use crate::http;
+use crate::idempotency::{self, Outcome};
 use crate::notify::Heartbeat;
 use crate::record::Order;
 use crate::topology::{self, ORDER_EVENTS};
@@ -61,6 +67,8 @@ struct Job {
     request: Request,
     /// `200` for `GET /order`, `201` for `POST /orders`.
     status: u16,
+    /// The request's `Idempotency-Key`, if it had one.
+    key: Option<String>,
     deadline: Instant,
 }
 
@@ -80,6 +88,8 @@ pub struct Producer {
     timeout: Duration,
     read_timeout: Duration,
     wait: Option<WaitFor>,
+    /// How long an `Idempotency-Key` is remembered, in seconds.
+    idempotency_ttl_s: u64,
 }
 
 impl Producer {
@@ -103,7 +113,14 @@ impl Producer {
             timeout,
             read_timeout,
             wait: None,
+            idempotency_ttl_s: 86_400,
         }
+    }
+
+    /// Remembers each `Idempotency-Key` for `seconds` (`IDEMPOTENCY_TTL_S`).
+    pub fn with_idempotency_ttl(mut self, seconds: u64) -> Producer {
+        self.idempotency_ttl_s = seconds.max(1);
+        self
     }
 
     /// Answers `2xx` only once `wait` replicas confirmed an order's batch.
@@ -139,10 +156,26 @@ impl Producer {
     /// (and whatever queued meanwhile) if no write was in flight; `beat`
     /// is the calling thread's heartbeat, beaten between writer turns.
     pub fn submit(&self, order: Order, request: Request, status: u16, beat: &Heartbeat) {
+        self.submit_keyed(order, None, request, status, beat);
+    }
+
+    /// [`Producer::submit`] for a request that may carry an
+    /// `Idempotency-Key` (see [`crate::idempotency`]): the order rides the
+    /// same batches, and a batch holding a keyed order is written by one
+    /// script call instead of pipelined `XADD`s.
+    pub fn submit_keyed(
+        &self,
+        order: Order,
+        key: Option<String>,
+        request: Request,
+        status: u16,
+        beat: &Heartbeat,
+    ) {
         let job = Job {
             order,
             request,
             status,
+            key,
             deadline: Instant::now() + self.timeout,
         };
         let link = {
@@ -203,7 +236,12 @@ impl Producer {
                 );
             }
             if let Some(oldest) = live.iter().map(|j| j.deadline).min() {
-                write_batch(&mut link, live, self.wait_for(oldest));
+                write_batch(
+                    &mut link,
+                    live,
+                    self.wait_for(oldest),
+                    self.idempotency_ttl_s,
+                );
             }
         }
         Some(link)
@@ -217,7 +255,7 @@ struct Wait {
     millis: u64,
 }
 
-fn write_batch(link: &mut Link, batch: Vec<Job>, wait: Option<Wait>) {
+fn write_batch(link: &mut Link, batch: Vec<Job>, wait: Option<Wait>, idempotency_ttl_s: u64) {
     crate::metrics::order_batch(batch.len() as u64);
     // These orders wait for an answer: try Redis now rather than fail them
     // because an earlier batch failed.
@@ -225,7 +263,7 @@ fn write_batch(link: &mut Link, batch: Vec<Job>, wait: Option<Wait>) {
     let mut pending = batch;
     // Second pass only for orders whose stream had vanished.
     for attempt in 0..2 {
-        let replies = link.run(|conn| xadd_all(conn, &pending, wait));
+        let replies = link.run(|conn| write_all(conn, &pending, wait, idempotency_ttl_s));
         let mut replies = match replies {
             Ok(r) if r.len() == pending.len() + usize::from(wait.is_some()) => r,
             Ok(_) => {
@@ -238,14 +276,13 @@ fn write_batch(link: &mut Link, batch: Vec<Job>, wait: Option<Wait>) {
         let mut missing_stream = Vec::new();
         let mut written = Vec::new();
         for (job, reply) in pending.into_iter().zip(replies) {
-            match reply {
-                Value::Nil => missing_stream.push(job),
-                other => match crate::value::as_string(&other) {
-                    Some(id) => written.push((job, id)),
-                    None => {
-                        http::respond(job.request, http::error(503, "unexpected reply from Redis"))
-                    }
-                },
+            match Outcome::of(&reply) {
+                Outcome::StreamMissing => missing_stream.push(job),
+                // Written now or earlier: promised only once replicated.
+                outcome @ (Outcome::Written(_) | Outcome::Replayed { .. }) => {
+                    written.push((job, outcome))
+                }
+                outcome => answer(job, outcome),
             }
         }
         match (wait, confirmed) {
@@ -253,8 +290,8 @@ fn write_batch(link: &mut Link, batch: Vec<Job>, wait: Option<Wait>) {
                 not_confirmed(written, w, n.unwrap_or(0))
             }
             _ => {
-                for (job, id) in written {
-                    answer_ok(job, id);
+                for (job, outcome) in written {
+                    answer(job, outcome);
                 }
             }
         }
@@ -275,6 +312,39 @@ fn write_batch(link: &mut Link, batch: Vec<Job>, wait: Option<Wait>) {
         }
     }
     fail_all(pending, "order-events keeps disappearing");
+}
+
+/// Writes a batch in one round trip: pipelined `XADD`s when no order has a
+/// key (the path and cost of orders without one), else one script call;
+/// then its `WAIT` if any (pipelined with the `XADD`s; after the script, a
+/// round trip of its own). The replies: one per job, then the `WAIT`'s.
+fn write_all(
+    conn: &mut redis::Connection,
+    jobs: &[Job],
+    wait: Option<Wait>,
+    idempotency_ttl_s: u64,
+) -> redis::RedisResult<Vec<Value>> {
+    if jobs.iter().all(|j| j.key.is_none()) {
+        return xadd_all(conn, jobs, wait);
+    }
+    let items: Vec<idempotency::Item<'_>> = jobs
+        .iter()
+        .map(|j| idempotency::Item {
+            order: &j.order,
+            key: j.key.as_deref(),
+            status: j.status,
+        })
+        .collect();
+    let mut replies = idempotency::write_batch(conn, ORDER_EVENTS, idempotency_ttl_s, &items)?;
+    if let Some(w) = wait {
+        replies.push(
+            redis::cmd("WAIT")
+                .arg(w.replicas)
+                .arg(w.millis)
+                .query(conn)?,
+        );
+    }
+    Ok(replies)
 }
 
 /// The batch's `XADD`s, then its `WAIT` if any: one round trip.
@@ -302,7 +372,7 @@ fn xadd_all(
 
 /// Written, but fewer than `REDIS_WAIT_REPLICAS` replicas have them: a
 /// failover now could lose them, so they are not promised.
-fn not_confirmed(written: Vec<(Job, String)>, wait: Wait, got: i64) {
+fn not_confirmed(written: Vec<(Job, Outcome)>, wait: Wait, got: i64) {
     if written.is_empty() {
         return;
     }
@@ -323,6 +393,29 @@ fn answer_ok(job: Job, id: String) {
         job.request,
         http::json(job.status, &json!({ "status": "ok", "orderId": id })),
     );
+}
+
+/// Answers one order of a written batch.
+fn answer(job: Job, outcome: Outcome) {
+    match outcome {
+        Outcome::Written(id) => answer_ok(job, id),
+        Outcome::Replayed { status, order_id } => {
+            let body = json!({ "status": "ok", "orderId": order_id });
+            let response = http::json(status, &body).with_header(idempotency::replayed_header());
+            http::respond(job.request, response);
+        }
+        Outcome::Conflict => http::respond(
+            job.request,
+            http::error(
+                422,
+                "Idempotency-Key was already used for an order with other userId, productId \
+                 or price; nothing written (use a new key for a new order)",
+            ),
+        ),
+        Outcome::StreamMissing | Outcome::Unexpected => {
+            http::respond(job.request, http::error(503, "unexpected reply from Redis"))
+        }
+    }
 }
 
 fn fail_all(jobs: Vec<Job>, why: &str) {

@@ -17,6 +17,9 @@ modes:
              like /order, and raw XADD round trips (sequential, pipelined)
   load       N orders from C clients to /order, then waits until every group
              has consumed everything: requests/s, latency, end-to-end orders/s
+  keyed      R rounds of two /order loads, without and with a fresh
+             Idempotency-Key per request (order alternating by round):
+             requests/s, p50/p99 of each and keyed / unkeyed
   latency    orders at a fixed rate; order -> payment-event latency
   ready      spawns each service binary from --bin-dir and times spawn ->
              first 200 on /readyz, idle RSS and SIGTERM -> exit
@@ -32,10 +35,12 @@ flags:
   -c C               concurrent clients          [16]
   --rate R           orders/s in latency mode    [200]
   --seconds S        latency mode duration       [10]
-  --rounds R         rounds (all, reference, ready) [3]
+  --rounds R         rounds (all, reference, ready, keyed) [3]
   --client raw|ureq  HTTP client                 [raw]
   --workers W        bare tiny_http worker threads [number of CPUs]
   --pipeline B       XADDs per pipelined batch   [64]
+  --keys none|fresh  load mode: no Idempotency-Key, or a fresh one per
+                     request                     [none]
   --pids P,P,...     service pids for RSS        [found by /proc/*/comm]
   --bin-dir DIR      where the service binaries are (ready mode)
   --time-limit S     cap on any one phase        [120]
@@ -54,6 +59,8 @@ pub enum Mode {
     Reference,
     /// `/order` load and end-to-end drain.
     Load,
+    /// `/order` without and with an `Idempotency-Key`, side by side.
+    Keyed,
     /// Fixed-rate order -> payment latency.
     Latency,
     /// Spawn -> ready of each binary.
@@ -89,6 +96,8 @@ pub struct Args {
     pub workers: usize,
     /// XADDs per pipelined batch.
     pub pipeline: usize,
+    /// Whether `load` sends a fresh `Idempotency-Key` with every request.
+    pub fresh_keys: bool,
     /// Service pids given with `--pids`; empty means "look them up".
     pub pids: Vec<u32>,
     /// Directory of the service binaries (ready mode).
@@ -115,6 +124,7 @@ impl Default for Args {
             client: ClientKind::Raw,
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             pipeline: 64,
+            fresh_keys: false,
             pids: Vec::new(),
             bin_dir: None,
             time_limit: Duration::from_secs(120),
@@ -156,6 +166,7 @@ fn parse_mode(word: &str) -> Result<Mode, String> {
         "all" => Mode::All,
         "reference" => Mode::Reference,
         "load" => Mode::Load,
+        "keyed" => Mode::Keyed,
         "latency" => Mode::Latency,
         "ready" => Mode::Ready,
         "rss" => Mode::Rss,
@@ -176,6 +187,13 @@ fn set_flag(args: &mut Args, flag: &str, value: &str) -> Result<(), String> {
         "--client" => args.client = ClientKind::parse(value)?,
         "--workers" => args.workers = number(flag, value)?,
         "--pipeline" => args.pipeline = number(flag, value)?,
+        "--keys" => {
+            args.fresh_keys = match value {
+                "none" => false,
+                "fresh" => true,
+                _ => return Err(format!("--keys wants none or fresh, not {value:?}")),
+            }
+        }
         "--pids" => args.pids = pids(value)?,
         "--bin-dir" => args.bin_dir = Some(PathBuf::from(value)),
         "--time-limit" => args.time_limit = Duration::from_secs(number(flag, value)?),

@@ -105,9 +105,15 @@ impl Client {
     /// `GET path`; the status, or why there is none. The body is in
     /// [`Client::body`] until the next request.
     pub fn get(&mut self, path: &str) -> Result<u16, String> {
+        self.get_keyed(path, None)
+    }
+
+    /// [`Client::get`] with an `Idempotency-Key` header when `key` is
+    /// given.
+    pub fn get_keyed(&mut self, path: &str, key: Option<&str>) -> Result<u16, String> {
         match self {
-            Client::Raw(c) => c.get(path),
-            Client::Ureq(c) => c.get(path),
+            Client::Raw(c) => c.get(path, key),
+            Client::Ureq(c) => c.get(path, key),
         }
     }
 
@@ -160,10 +166,10 @@ impl RawClient {
         }
     }
 
-    /// `GET path`. Never retried: `/order` is not idempotent, and a request
-    /// that failed may still have been written to the stream.
-    pub fn get(&mut self, path: &str) -> Result<u16, String> {
-        match self.exchange(path) {
+    /// `GET path`, with `Idempotency-Key: key` if given. Never retried:
+    /// the point is to measure each request once.
+    pub fn get(&mut self, path: &str, key: Option<&str>) -> Result<u16, String> {
+        match self.exchange(path, key) {
             Ok((status, keep_alive)) => {
                 if !keep_alive {
                     self.conn = None;
@@ -177,7 +183,7 @@ impl RawClient {
         }
     }
 
-    fn exchange(&mut self, path: &str) -> io::Result<(u16, bool)> {
+    fn exchange(&mut self, path: &str, key: Option<&str>) -> io::Result<(u16, bool)> {
         let conn = match self.conn.take() {
             Some(c) => c,
             None => connect(self.addr)?,
@@ -187,9 +193,13 @@ impl RawClient {
         // Writing to a String cannot fail.
         let _ = write!(
             self.request,
-            "GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n",
+            "GET {path} HTTP/1.1\r\nHost: {}\r\n",
             self.host
         );
+        if let Some(key) = key {
+            let _ = write!(self.request, "Idempotency-Key: {key}\r\n");
+        }
+        self.request.push_str("\r\n");
         conn.get_mut().write_all(self.request.as_bytes())?;
         read_response(conn, &mut self.line, &mut self.body)
     }
@@ -345,15 +355,15 @@ impl UreqClient {
 
     /// `GET path`, body read to the end so the connection goes back to the
     /// pool.
-    pub fn get(&mut self, path: &str) -> Result<u16, String> {
+    pub fn get(&mut self, path: &str, key: Option<&str>) -> Result<u16, String> {
         self.url.clear();
         self.url.push_str(&self.base);
         self.url.push_str(path);
-        let mut resp = self
-            .agent
-            .get(&self.url)
-            .call()
-            .map_err(|e| format!("{}: {e}", self.base))?;
+        let mut request = self.agent.get(&self.url);
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        let mut resp = request.call().map_err(|e| format!("{}: {e}", self.base))?;
         self.body = resp
             .body_mut()
             .read_to_vec()

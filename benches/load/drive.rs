@@ -6,6 +6,7 @@
 //! that connection setup is not in the latency figures, then all start
 //! together when the driver says go.
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::{self, Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
@@ -31,6 +32,9 @@ pub struct Plan<'a> {
     pub target: &'a Target,
     /// The run stops at this age even if tickets remain.
     pub limit: Duration,
+    /// When set, request *i* carries `Idempotency-Key: <prefix>-<i>`: a
+    /// fresh key for every request (the keyed mode).
+    pub key_prefix: Option<&'a str>,
 }
 
 /// What a run did.
@@ -154,6 +158,7 @@ fn client_loop(
     let deadline = started + plan.limit;
     result.latencies.reserve(plan.requests / plan.clients + 1);
     let mut path = String::with_capacity(256);
+    let mut key = String::with_capacity(64);
     loop {
         let ticket = shared.next.fetch_add(1, Ordering::Relaxed);
         if ticket >= plan.requests || Instant::now() >= deadline {
@@ -161,8 +166,14 @@ fn client_loop(
         }
         path.clear();
         (shared.path)(&mut path, ticket, id);
+        let key = plan.key_prefix.map(|prefix| {
+            key.clear();
+            // Writing to a String cannot fail.
+            let _ = write!(key, "{prefix}-{ticket}");
+            key.as_str()
+        });
         let sent = Instant::now();
-        let answer = client.get(&path);
+        let answer = client.get_keyed(&path, key);
         result.record(answer, sent.elapsed(), &client, shared.progress);
     }
     result.finished = Some(Instant::now());

@@ -94,6 +94,7 @@ pub fn bare_http(args: &Args, progress: &Progress) -> Result<Outcome, String> {
         kind: args.client,
         target: server.target(),
         limit: args.time_limit,
+        key_prefix: None,
     };
     progress.phase("bare tiny_http", args.requests as u64);
     let outcome = drive::run(&plan, &order_path, progress);

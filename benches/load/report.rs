@@ -270,6 +270,68 @@ pub fn system(run: &SystemRun) {
     println!();
 }
 
+/// The keyed table (mode `keyed`): each round's `/order` without and with
+/// an `Idempotency-Key`, the ratio, the medians, and the target.
+pub fn keyed(pairs: &[(SystemRun, SystemRun)]) {
+    println!(
+        "/order without and with a fresh Idempotency-Key per request (requests/s of 200 answers)\n"
+    );
+    let mut t = Table::new(&[
+        "round",
+        "unkeyed rps",
+        "p50 ms",
+        "p99 ms",
+        "keyed rps",
+        "p50 ms",
+        "p99 ms",
+        "failed",
+        "keyed÷unkeyed",
+    ]);
+    for (i, (plain, keyed)) in pairs.iter().enumerate() {
+        let (p, k) = (&plain.http, &keyed.http);
+        t.row(vec![
+            (i + 1).to_string(),
+            per_sec(p.rps()),
+            ms(p.latency.p50),
+            ms(p.latency.p99),
+            per_sec(k.rps()),
+            ms(k.latency.p50),
+            ms(k.latency.p99),
+            (p.failed + k.failed).to_string(),
+            ratio(k.rps() / p.rps()),
+        ]);
+    }
+    let m = |f: &dyn Fn(&(SystemRun, SystemRun)) -> f64| median(pairs.iter().map(f));
+    let msf = |v: f64| format!("{:.3}", v * 1e3);
+    let share = m(&|(p, k)| k.http.rps() / p.http.rps());
+    if pairs.len() > 1 {
+        t.row(vec![
+            "median".into(),
+            per_sec(m(&|(p, _)| p.http.rps())),
+            msf(m(&|(p, _)| p.http.latency.p50.as_secs_f64())),
+            msf(m(&|(p, _)| p.http.latency.p99.as_secs_f64())),
+            per_sec(m(&|(_, k)| k.http.rps())),
+            msf(m(&|(_, k)| k.http.latency.p50.as_secs_f64())),
+            msf(m(&|(_, k)| k.http.latency.p99.as_secs_f64())),
+            "".into(),
+            ratio(share),
+        ]);
+    }
+    t.print();
+    for (i, (p, k)) in pairs.iter().enumerate() {
+        for (what, run) in [("unkeyed", p), ("keyed", k)] {
+            if let Some(e) = &run.http.first_error {
+                println!("round {}, {what}: first failure: {e}", i + 1);
+            }
+        }
+    }
+    let verdict = if share >= 0.85 { "met" } else { "missed" };
+    println!(
+        "target: keyed /order rps >= 0.85 x unkeyed: {} x, {verdict}\n",
+        ratio(share)
+    );
+}
+
 /// The latency table, one row per run and the medians.
 pub fn latency(args: &Args, runs: &[&LatencyRun]) {
     println!(

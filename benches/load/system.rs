@@ -303,6 +303,16 @@ impl SystemRun {
 /// Waits for an idle system, sends `-n` orders from `-c` clients, and waits
 /// until every group has consumed everything.
 pub fn run(args: &Args, progress: &Progress) -> Result<SystemRun, String> {
+    run_with_keys(args, progress, None)
+}
+
+/// [`run`], each request with a fresh `Idempotency-Key` (`<prefix>-<i>`)
+/// when `key_prefix` is given.
+pub fn run_with_keys(
+    args: &Args,
+    progress: &Progress,
+    key_prefix: Option<&str>,
+) -> Result<SystemRun, String> {
     let mut conn = redis_connect(&args.redis)?;
     progress.phase("waiting for an idle system", 0);
     let (_, base) = wait_until(
@@ -318,8 +328,14 @@ pub fn run(args: &Args, progress: &Progress) -> Result<SystemRun, String> {
         kind: args.client,
         target: &args.target,
         limit: args.time_limit,
+        key_prefix,
     };
-    progress.phase("/order", args.requests as u64);
+    let what = if key_prefix.is_some() {
+        "/order with keys"
+    } else {
+        "/order"
+    };
+    progress.phase(what, args.requests as u64);
     let http = drive::run(&plan, &order_path, progress)?;
     if http.ok == 0 {
         progress.idle();

@@ -17,7 +17,7 @@ use crate::connection::{Redis, WaitFor};
 use crate::http::{self, BodyError, HttpServer};
 use crate::producer::Producer;
 use crate::record::{FieldError, Order, Problem};
-use crate::{notify, topology, trim};
+use crate::{idempotency, notify, topology, trim};
 
 /// Runs order-service until `shutdown` fires.
 pub fn run(config: &Config, shutdown: Receiver<()>) -> Result<(), ServiceError> {
@@ -27,8 +27,9 @@ pub fn run(config: &Config, shutdown: Receiver<()>) -> Result<(), ServiceError> 
     log::info!("order-service listening on http://{}", server.addr());
     let probe = Probe::new(&redis);
     let beats = notify::Heartbeats::new();
-    let producer =
-        Producer::new(&redis, 2, config.request_timeout).with_wait(WaitFor::from_config(config));
+    let producer = Producer::new(&redis, 2, config.request_timeout)
+        .with_wait(WaitFor::from_config(config))
+        .with_idempotency_ttl(config.idempotency_ttl_s);
 
     // Orders are answered 503 until the groups exist; every connection that
     // writes orders creates them too when it connects, so this only decides
@@ -83,20 +84,51 @@ fn spawn_http(
 fn route(mut request: Request, producer: &Producer, beat: &notify::Heartbeat) {
     let method = request.method().clone();
     match (http::path(request.url()), method) {
-        ("/order", Method::Get) => match order_from_query(request.url()) {
-            Ok(order) => producer.submit(order, request, 200, beat),
+        ("/order", Method::Get) => match keyed(&request, order_from_query(request.url())) {
+            Ok((order, key)) => producer.submit_keyed(order, key, request, 200, beat),
             Err(e) => http::respond(request, http::error(400, &e)),
         },
-        ("/orders", Method::Post) => match order_from_body(&mut request) {
-            Ok(order) => producer.submit(order, request, 201, beat),
-            Err((status, e)) => http::respond(request, http::error(status, &e)),
-        },
+        ("/orders", Method::Post) => {
+            let order = order_from_body(&mut request);
+            match keyed(&request, order) {
+                Ok((order, key)) => producer.submit_keyed(order, key, request, 201, beat),
+                Err((status, e)) => http::respond(request, http::error(status, &e)),
+            }
+        }
         ("/order", _) => method_not_allowed(request, "GET"),
         ("/orders", _) => method_not_allowed(request, "POST"),
         _ => http::respond(
             request,
             http::error(404, "not found: try GET /order or POST /orders"),
         ),
+    }
+}
+
+/// The order with the request's `Idempotency-Key` (a malformed key is a
+/// `400` before anything else is looked at, so it is named even when the
+/// order is invalid too).
+fn keyed<E: KeyError>(
+    request: &Request,
+    order: Result<Order, E>,
+) -> Result<(Order, Option<String>), E> {
+    let key = idempotency::key_of(request.headers()).map_err(E::bad_key)?;
+    Ok((order?, key))
+}
+
+/// An error type that can carry a malformed `Idempotency-Key` (`400`).
+trait KeyError {
+    fn bad_key(message: String) -> Self;
+}
+
+impl KeyError for String {
+    fn bad_key(message: String) -> Self {
+        message
+    }
+}
+
+impl KeyError for (u16, String) {
+    fn bad_key(message: String) -> Self {
+        (400, message)
     }
 }
 

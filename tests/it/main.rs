@@ -50,3 +50,6 @@ mod slow_webhook;
 // High availability (issue 15): following a Sentinel failover, WAIT for
 // replicas before answering or acknowledging.
 mod sentinel;
+
+// A retried order is never a second order: the Idempotency-Key (issue 13).
+mod idempotent_intake;
