@@ -251,6 +251,12 @@ impl Settings {
         }
     }
 
+    /// How often readers renew the entries their instance holds: three
+    /// times per `claim_idle`, so none looks idle long enough to be claimed.
+    fn renew_interval(&self) -> Duration {
+        (self.claim_idle / 3).max(Duration::from_millis(100))
+    }
+
     /// How often readers look for entries to claim: often enough that a
     /// stranded entry waits little longer than `claim_idle`, rarely enough
     /// to cost nothing.
@@ -329,6 +335,7 @@ pub fn start(
             shutdown: shutdown.clone(),
             beat: beats.register(&format!("reader:{}", sub.stream)),
             claim_cursor: "0-0".into(),
+            next_renew: Instant::now(),
         };
         threads.push(
             std::thread::Builder::new()
@@ -368,6 +375,9 @@ struct Reader {
     beat: Heartbeat,
     /// Where the next `XAUTOCLAIM` continues (`0-0`: from the start).
     claim_cursor: String,
+    /// When the entries this instance holds are next renewed (see
+    /// [`crate::lease`]).
+    next_renew: Instant,
 }
 
 impl Reader {
@@ -396,6 +406,7 @@ impl Reader {
                 self.claim();
                 next_claim = Instant::now() + self.settings.claim_interval();
             }
+            self.renew_if_due();
             let from = backlog.clone().unwrap_or_else(|| ">".into());
             let epoch = self.epoch();
             match self.read(&from) {
@@ -457,6 +468,42 @@ impl Reader {
             cmd.arg("STREAMS").arg(sub.stream).arg(from).query(c)
         })?;
         Ok(parse_read_reply(&reply))
+    }
+
+    /// Renews the entries of this subscription that handlers hold (in the
+    /// channel, in a batch, carried over), every third of `CLAIM_IDLE_MS`,
+    /// so that no other instance claims what this one is working through.
+    fn renew_if_due(&mut self) {
+        if Instant::now() < self.next_renew {
+            return;
+        }
+        self.next_renew = Instant::now() + self.settings.renew_interval();
+        let sub = self.sub;
+        let held: Vec<String> = lock(&self.in_flight)
+            .held
+            .iter()
+            .filter(|k| k.0 == sub)
+            .map(|k| k.1.clone())
+            .collect();
+        if held.is_empty() {
+            return;
+        }
+        let consumer = self.settings.consumer.clone();
+        let renewed = self
+            .link
+            .run(|c| crate::lease::renew(c, sub.stream, sub.group, &consumer, &held));
+        match renewed {
+            Ok(n) if (n as usize) < held.len() => log::info!(
+                "{}/{}: {} held entries are no longer ours (claimed by another instance?)",
+                sub.stream,
+                sub.group,
+                held.len() - n as usize
+            ),
+            Ok(_) => {}
+            // Not fatal: the next round tries again, and a claim by another
+            // instance only repeats work (at least once).
+            Err(e) => log::warn!("{}: renewing held entries failed: {e}", sub.stream),
+        }
     }
 
     /// How many entries handlers have finished so far (see [`Tracker`]).
@@ -528,7 +575,9 @@ impl Reader {
         epoch: u64,
     ) -> bool {
         lock(&self.in_flight).prune(self.sub, epoch);
-        let mut redeliveries = 0;
+        // All of them are held from now on, so that renewing (while the
+        // channel is full) covers those still waiting here too.
+        let mut deliveries = Vec::with_capacity(entries.len());
         for (id, fields) in entries {
             let Some(fields) = fields else {
                 // Deleted from the stream (XDEL) while pending: nothing is
@@ -543,31 +592,34 @@ impl Reader {
                     .run(|c| ack_and_forget(c, s, g, &[id.as_str()], &[id.as_str()]));
                 continue;
             };
-            {
-                let mut in_flight = lock(&self.in_flight);
-                let key = (self.sub, id.clone());
-                if !in_flight.may_dispatch(&key, epoch) {
-                    // Held by a handler, or finished while this read was on
-                    // its way: in flight on one path only.
-                    continue;
-                }
-                in_flight.held.insert(key);
+            let mut in_flight = lock(&self.in_flight);
+            let key = (self.sub, id.clone());
+            if !in_flight.may_dispatch(&key, epoch) {
+                // Held by a handler, or finished while this read was on
+                // its way: in flight on one path only.
+                continue;
             }
-            if redelivered {
-                redeliveries += 1;
-            }
-            let mut delivery = Delivery {
+            in_flight.held.insert(key);
+            deliveries.push(Delivery {
                 sub: self.sub,
                 id,
                 fields,
                 redelivered,
-            };
+            });
+        }
+        let redeliveries = if redelivered {
+            deliveries.len() as u64
+        } else {
+            0
+        };
+        for mut delivery in deliveries {
             loop {
                 match self.tx.send_timeout(delivery, Duration::from_secs(1)) {
                     Ok(()) => break,
                     // Handlers are busy: that is backpressure, not a wedge.
                     Err(SendTimeoutError::Timeout(d)) => {
                         self.beat.beat();
+                        self.renew_if_due();
                         delivery = d;
                     }
                     Err(SendTimeoutError::Disconnected(_)) => return false,

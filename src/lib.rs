@@ -32,6 +32,7 @@ pub mod consumer;
 pub mod dlq;
 pub mod http;
 pub mod idempotency;
+mod lease;
 pub mod logger;
 pub mod metrics;
 pub mod notify;

@@ -201,3 +201,74 @@ fn a_slow_webhook_receiver_neither_starves_the_watchdog_nor_delays_a_stop() {
         format!("{}\n{summary}", problems.join("\n"))
     });
 }
+
+/// Two instances behind a slow receiver: the entries one instance has read
+/// and is working through must not look idle to the other, however long
+/// its queue (`CLAIM_IDLE_MS` short here, so the queue outlasts it many
+/// times over). Each order is notified once: no claim of an entry its
+/// owner still holds, so no repeated webhook call.
+#[test]
+fn entries_queued_behind_a_slow_receiver_are_not_claimed_by_another_instance() {
+    const ORDERS: usize = 40;
+    const CLAIM_IDLE: &str = "1500";
+    let redis = RedisServer::start();
+    let sink = WebhookSink::options()
+        .delay(Duration::from_millis(300))
+        .start();
+    let url = sink.url();
+    let env = [
+        ("NOTIFY_WEBHOOK_URL", url.as_str()),
+        ("CLAIM_IDLE_MS", CLAIM_IDLE),
+        ("BLOCK_MS", "200"),
+        ("TRIM_INTERVAL_MS", "0"),
+    ];
+    let mut first = Service::spawn("notification-service", &redis, &env);
+    first.wait_ready();
+    let mut conn = redis.conn();
+    // The first instance reads all of them (one read: fewer than a batch).
+    let ids = xadd_orders_range(&mut conn, "queued", 0..ORDERS);
+    crate::support::wait_until("the first instance read every order", DEADLINE, || {
+        pending_of(&mut conn) == ORDERS
+    });
+    let mut second = Service::spawn("notification-service", &redis, &env);
+    second.wait_ready();
+    let orders = xrange(&mut conn, ORDER_EVENTS, "-", "+");
+    assert_eq!(orders.len(), ids.len());
+    let start = Instant::now();
+    while !Notified::check(&sink.accepted(), &orders, &[])
+        .missing
+        .is_empty()
+    {
+        first.check(start.elapsed() < DEADLINE, || {
+            format!(
+                "not every order notified: {}",
+                Notified::check(&sink.accepted(), &orders, &[])
+            )
+        });
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let notified = Notified::check(&sink.accepted(), &orders, &[]);
+    println!(
+        "orders={ORDERS} claim_idle={CLAIM_IDLE}ms receiver_delay=300ms calls={} {notified}",
+        sink.received().len()
+    );
+    second.check(notified.complete() && notified.duplicates == 0, || {
+        format!("each order notified once, none claimed from a busy instance: {notified}")
+    });
+}
+
+/// Entries pending in `notification-service-group` on `order-events`.
+fn pending_of(conn: &mut redis::Connection) -> usize {
+    let reply: redis::Value = redis::cmd("XPENDING")
+        .arg(ORDER_EVENTS)
+        .arg("notification-service-group")
+        .query(conn)
+        .expect("XPENDING");
+    match reply {
+        redis::Value::Array(v) => match v.first() {
+            Some(redis::Value::Int(n)) => *n as usize,
+            _ => 0,
+        },
+        _ => 0,
+    }
+}
