@@ -53,23 +53,14 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_BODY: usize = 64 * 1024;
 
 /// Why the HTTP listener could not start.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on HTTP_ADDR {addr}: {error}")]
 pub struct BindError {
     addr: SocketAddr,
-    source: std::io::Error,
+    // Not named `source`: thiserror would make it `Error::source` too, and
+    // the message already says it (a chain printer would say it twice).
+    error: std::io::Error,
 }
-
-impl std::fmt::Display for BindError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "cannot listen on HTTP_ADDR {}: {}",
-            self.addr, self.source
-        )
-    }
-}
-
-impl std::error::Error for BindError {}
 
 /// A listening HTTP server.
 pub struct HttpServer {
@@ -80,7 +71,7 @@ pub struct HttpServer {
 impl HttpServer {
     /// Listens on `addr` with [`IO_TIMEOUT`] on every connection.
     pub fn bind(addr: SocketAddr) -> Result<Arc<HttpServer>, BindError> {
-        let err = |source| BindError { addr, source };
+        let err = |error| BindError { addr, error };
         let socket = socket2::Socket::new(
             socket2::Domain::for_address(addr),
             socket2::Type::STREAM,

@@ -4,7 +4,6 @@ pub mod notification;
 pub mod order;
 pub mod payment;
 
-use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,44 +17,17 @@ use crate::metrics::GroupGauge;
 use crate::{notify, topology, trim};
 
 /// Why a service could not run. `Display` is one line an operator can act on.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
     /// The Redis client could not be built (URL, TLS settings).
-    Connect(ConnectError),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
     /// The HTTP listener could not start.
-    Bind(BindError),
+    #[error(transparent)]
+    Bind(#[from] BindError),
     /// A thread could not be started.
-    Spawn(std::io::Error),
-}
-
-impl fmt::Display for ServiceError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ServiceError::Connect(e) => e.fmt(f),
-            ServiceError::Bind(e) => e.fmt(f),
-            ServiceError::Spawn(e) => write!(f, "cannot start a thread: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for ServiceError {}
-
-impl From<ConnectError> for ServiceError {
-    fn from(e: ConnectError) -> Self {
-        ServiceError::Connect(e)
-    }
-}
-
-impl From<BindError> for ServiceError {
-    fn from(e: BindError) -> Self {
-        ServiceError::Bind(e)
-    }
-}
-
-impl From<std::io::Error> for ServiceError {
-    fn from(e: std::io::Error) -> Self {
-        ServiceError::Spawn(e)
-    }
+    #[error("cannot start a thread: {0}")]
+    Spawn(#[from] std::io::Error),
 }
 
 /// A connection of its own for `/readyz` and `/metrics`, so a probe never
