@@ -355,9 +355,9 @@ fn invalid(var: &'static str, value: &str, reason: String) -> ConfigError {
 
 fn check_redis_url(url: &str) -> Result<(), ConfigError> {
     if crate::sentinel::is_sentinel_url(url) {
-        return crate::sentinel::parse(url)
+        return crate::sentinel::SentinelUrl::parse(url)
             .map(|_| ())
-            .map_err(|e| invalid("REDIS_URL", &redact(url), e));
+            .map_err(|e| invalid("REDIS_URL", &redact(url), e.to_string()));
     }
     let scheme_ok = ["redis://", "rediss://", "unix://", "redis+unix://"]
         .iter()

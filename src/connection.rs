@@ -53,7 +53,7 @@ pub enum ConnectError {
     Client(RedisError),
     /// A `redis+sentinel://` URL that does not parse.
     #[error("invalid REDIS_URL: {0}")]
-    Sentinel(String),
+    Sentinel(sentinel::UrlError),
 }
 
 /// Opens Redis connections with timeouts. Cheap to clone.
@@ -85,7 +85,7 @@ impl Redis {
             None => None,
         };
         if sentinel::is_sentinel_url(url) {
-            let parsed = sentinel::parse(url).map_err(ConnectError::Sentinel)?;
+            let parsed = sentinel::SentinelUrl::parse(url).map_err(ConnectError::Sentinel)?;
             // Fail now, not at the first failover, if the data nodes'
             // URL would not make a client.
             client(&parsed.data_url("127.0.0.1", 6379), pem.as_deref())

@@ -261,9 +261,9 @@ fn hex(b: u8) -> Option<u8> {
 /// Answers the routes every service has; `None` if `request` is not one
 /// of them (the caller answers it). `ready` says why not, or what to add
 /// to the `200` body of `/readyz` (the master in use, with sentinels).
-pub fn ops_route(
+pub fn ops_route<E: std::fmt::Display>(
     request: Request,
-    ready: impl Fn() -> Result<serde_json::Map<String, serde_json::Value>, String>,
+    ready: impl Fn() -> Result<serde_json::Map<String, serde_json::Value>, E>,
     metrics: impl Fn() -> String,
 ) -> Option<Request> {
     let is_get = matches!(
@@ -277,7 +277,10 @@ pub fn ops_route(
                 extra.insert("status".into(), "ready".into());
                 json(200, &serde_json::Value::Object(extra))
             }
-            Err(why) => json(503, &json!({ "status": "not ready", "error": why })),
+            Err(why) => json(
+                503,
+                &json!({ "status": "not ready", "error": why.to_string() }),
+            ),
         },
         "/metrics" if is_get => text(200, metrics(), "text/plain; version=0.0.4"),
         "/healthz" | "/readyz" | "/metrics" => error(405, "method not allowed"),

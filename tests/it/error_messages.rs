@@ -4,10 +4,14 @@
 //! Scripts and runbooks match on these lines, so they stay word for word.
 
 use std::net::TcpListener;
+use std::time::Duration;
 
 use streamline::config::{self, Command, Config, Service};
 use streamline::connection::Redis;
 use streamline::idempotency::{self, check_key};
+
+use crate::support::flow::{readyz, start_ready};
+use crate::support::{wait_until, RedisServer};
 
 const KEY_RULE: &str = "it must be 1 to 255 visible ASCII characters (0x21-0x7E)";
 
@@ -81,6 +85,22 @@ fn a_sentinel_url_that_does_not_parse_says_what_is_wrong() {
         r#"invalid REDIS_URL: database "x" is not a number"#
     );
     assert_eq!(
+        open("redis+sentinel://:1/m"),
+        r#"invalid REDIS_URL: sentinel address ":1" has no host"#
+    );
+    assert_eq!(
+        open("redis+sentinel://[::1]x/m"),
+        r#"invalid REDIS_URL: sentinel address "[::1]x": expected [v6]:port"#
+    );
+    assert_eq!(
+        open("redis+sentinel://s1/m x"),
+        r#"invalid REDIS_URL: master name "m x" has spaces or control characters"#
+    );
+    assert_eq!(
+        open("redis+sentinel://s1/m?db=1"),
+        "invalid REDIS_URL: query parameters are not supported in a sentinel URL"
+    );
+    assert_eq!(
         open("redis+sentinel://s1/m/1/2"),
         "invalid REDIS_URL: expected .../<master name>[/db], found more path segments"
     );
@@ -146,4 +166,21 @@ fn a_bad_idempotency_key_is_explained() {
             .to_string(),
         "Idempotency-Key is given more than once"
     );
+}
+
+#[test]
+fn readyz_says_redis_is_unavailable_when_it_is() {
+    let mut redis = RedisServer::start();
+    let order = start_ready("order-service", &redis, &[]);
+    redis.kill();
+    wait_until(
+        "/readyz says 503 while Redis is down",
+        Duration::from_secs(10),
+        || readyz(&order) == 503,
+    );
+    let r = order.get("/readyz");
+    order.check(r.json_str("status") == Some("not ready"), || format!("{r}"));
+    // What follows is the client's own text (connection refused, ...).
+    let error = r.json_str("error").unwrap_or_default();
+    order.check(error.starts_with("Redis unavailable: "), || format!("{r}"));
 }
