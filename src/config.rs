@@ -8,7 +8,6 @@
 //! Parsing reads the environment through a lookup function, so tests pass a
 //! map instead of touching the process-global environment.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -149,9 +148,10 @@ pub enum Command {
 
 /// A configuration that cannot be used. `Display` is one line naming the
 /// variable and what is wrong.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     /// A variable's value does not parse.
+    #[error("invalid {var} {value:?}: {reason}")]
     Invalid {
         /// The variable.
         var: &'static str,
@@ -161,24 +161,12 @@ pub enum ConfigError {
         reason: String,
     },
     /// A flag that no setting has.
+    #[error("unknown option {0:?} (see --help)")]
     UnknownFlag(String),
     /// A flag given without its value.
+    #[error("option {0} needs a value")]
     MissingValue(String),
 }
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ConfigError::Invalid { var, value, reason } => {
-                write!(f, "invalid {var} {value:?}: {reason}")
-            }
-            ConfigError::UnknownFlag(flag) => write!(f, "unknown option {flag:?} (see --help)"),
-            ConfigError::MissingValue(flag) => write!(f, "option {flag} needs a value"),
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 /// Parses the command line (without the program name) and the environment,
 /// read through `env`, for `service`.
@@ -367,9 +355,9 @@ fn invalid(var: &'static str, value: &str, reason: String) -> ConfigError {
 
 fn check_redis_url(url: &str) -> Result<(), ConfigError> {
     if crate::sentinel::is_sentinel_url(url) {
-        return crate::sentinel::parse(url)
+        return crate::sentinel::SentinelUrl::parse(url)
             .map(|_| ())
-            .map_err(|e| invalid("REDIS_URL", &redact(url), e));
+            .map_err(|e| invalid("REDIS_URL", &redact(url), e.to_string()));
     }
     let scheme_ok = ["redis://", "rediss://", "unix://", "redis+unix://"]
         .iter()

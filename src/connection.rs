@@ -16,7 +16,6 @@
 //! its backoff; a `READONLY` answer (the node was demoted) counts as a lost
 //! connection, never as a failure of the work.
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,29 +43,18 @@ const BACKOFF_CAP: Duration = Duration::from_secs(2);
 const WAIT_SLICE: Duration = Duration::from_millis(100);
 
 /// Why a Redis client could not be built from the configuration.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     /// The CA certificate file could not be read.
+    #[error("cannot read REDIS_CA_CERT {path}: {1}", path = .0.display())]
     CaCert(std::path::PathBuf, std::io::Error),
     /// The client rejected the URL or TLS settings.
+    #[error("invalid REDIS_URL: {0}")]
     Client(RedisError),
     /// A `redis+sentinel://` URL that does not parse.
-    Sentinel(String),
+    #[error("invalid REDIS_URL: {0}")]
+    Sentinel(sentinel::UrlError),
 }
-
-impl fmt::Display for ConnectError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ConnectError::CaCert(p, e) => {
-                write!(f, "cannot read REDIS_CA_CERT {}: {e}", p.display())
-            }
-            ConnectError::Client(e) => write!(f, "invalid REDIS_URL: {e}"),
-            ConnectError::Sentinel(e) => write!(f, "invalid REDIS_URL: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for ConnectError {}
 
 /// Opens Redis connections with timeouts. Cheap to clone.
 #[derive(Clone)]
@@ -97,7 +85,7 @@ impl Redis {
             None => None,
         };
         if sentinel::is_sentinel_url(url) {
-            let parsed = sentinel::parse(url).map_err(ConnectError::Sentinel)?;
+            let parsed = sentinel::SentinelUrl::parse(url).map_err(ConnectError::Sentinel)?;
             // Fail now, not at the first failover, if the data nodes'
             // URL would not make a client.
             client(&parsed.data_url("127.0.0.1", 6379), pem.as_deref())

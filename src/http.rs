@@ -53,23 +53,14 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_BODY: usize = 64 * 1024;
 
 /// Why the HTTP listener could not start.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on HTTP_ADDR {addr}: {error}")]
 pub struct BindError {
     addr: SocketAddr,
-    source: std::io::Error,
+    // Not named `source`: thiserror would make it `Error::source` too, and
+    // the message already says it (a chain printer would say it twice).
+    error: std::io::Error,
 }
-
-impl std::fmt::Display for BindError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "cannot listen on HTTP_ADDR {}: {}",
-            self.addr, self.source
-        )
-    }
-}
-
-impl std::error::Error for BindError {}
 
 /// A listening HTTP server.
 pub struct HttpServer {
@@ -80,7 +71,7 @@ pub struct HttpServer {
 impl HttpServer {
     /// Listens on `addr` with [`IO_TIMEOUT`] on every connection.
     pub fn bind(addr: SocketAddr) -> Result<Arc<HttpServer>, BindError> {
-        let err = |source| BindError { addr, source };
+        let err = |error| BindError { addr, error };
         let socket = socket2::Socket::new(
             socket2::Domain::for_address(addr),
             socket2::Type::STREAM,
@@ -270,9 +261,9 @@ fn hex(b: u8) -> Option<u8> {
 /// Answers the routes every service has; `None` if `request` is not one
 /// of them (the caller answers it). `ready` says why not, or what to add
 /// to the `200` body of `/readyz` (the master in use, with sentinels).
-pub fn ops_route(
+pub fn ops_route<E: std::fmt::Display>(
     request: Request,
-    ready: impl Fn() -> Result<serde_json::Map<String, serde_json::Value>, String>,
+    ready: impl Fn() -> Result<serde_json::Map<String, serde_json::Value>, E>,
     metrics: impl Fn() -> String,
 ) -> Option<Request> {
     let is_get = matches!(
@@ -286,7 +277,10 @@ pub fn ops_route(
                 extra.insert("status".into(), "ready".into());
                 json(200, &serde_json::Value::Object(extra))
             }
-            Err(why) => json(503, &json!({ "status": "not ready", "error": why })),
+            Err(why) => json(
+                503,
+                &json!({ "status": "not ready", "error": why.to_string() }),
+            ),
         },
         "/metrics" if is_get => text(200, metrics(), "text/plain; version=0.0.4"),
         "/healthz" | "/readyz" | "/metrics" => error(405, "method not allowed"),

@@ -80,54 +80,79 @@ pub fn key_pattern(stream: &str) -> String {
     format!("{stream}{INFIX}*")
 }
 
+/// What a valid key is, as every [`BadKey`] message ends.
+const RULE: &str = "it must be 1 to 255 visible ASCII characters (0x21-0x7E)";
+
+/// Why an `Idempotency-Key` header is refused (a `400`); `Display` names
+/// the header, what is wrong and what a valid key is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadKey {
+    /// An empty value.
+    #[error("{HEADER} is empty: {RULE}")]
+    Empty,
+    /// A character that is not visible ASCII, at a 1-based position.
+    #[error("{HEADER} contains {} at position {position}: {RULE}", describe(*.character))]
+    Character {
+        /// The character.
+        character: char,
+        /// Where it is, counting characters from 1.
+        position: usize,
+    },
+    /// More than [`MAX_KEY_LEN`] characters.
+    #[error("{HEADER} is {0} characters long: {RULE}")]
+    TooLong(usize),
+    /// The header more than once in one request.
+    #[error("{HEADER} is given more than once")]
+    Repeated,
+}
+
+fn describe(c: char) -> String {
+    match c {
+        ' ' => "a space".to_string(),
+        '\t' => "a tab".to_string(),
+        c if c.is_ascii() => format!("control character 0x{:02X}", c as u32),
+        c => format!("the non-ASCII character {c:?}"),
+    }
+}
+
 /// Checks one `Idempotency-Key` value: 1–255 visible ASCII characters
 /// (`0x21`–`0x7E`). The error names what is wrong.
 ///
 /// ```
-/// use streamline::idempotency::check_key;
+/// use streamline::idempotency::{check_key, BadKey};
 /// assert!(check_key("order-7f3a").is_ok());
-/// assert!(check_key("").unwrap_err().contains("empty"));
-/// assert!(check_key("a b").unwrap_err().contains("a space at position 2"));
+/// assert_eq!(check_key(""), Err(BadKey::Empty));
+/// assert!(check_key("a b").unwrap_err().to_string().contains("a space at position 2"));
 /// ```
-pub fn check_key(value: &str) -> Result<(), String> {
-    const RULE: &str = "it must be 1 to 255 visible ASCII characters (0x21-0x7E)";
+pub fn check_key(value: &str) -> Result<(), BadKey> {
     if value.is_empty() {
-        return Err(format!("{HEADER} is empty: {RULE}"));
+        return Err(BadKey::Empty);
     }
     if let Some((i, c)) = value
         .chars()
         .enumerate()
         .find(|(_, c)| !matches!(c, '!'..='~'))
     {
-        let what = match c {
-            ' ' => "a space".to_string(),
-            '\t' => "a tab".to_string(),
-            c if c.is_ascii() => format!("control character 0x{:02X}", c as u32),
-            c => format!("the non-ASCII character {c:?}"),
-        };
-        return Err(format!(
-            "{HEADER} contains {what} at position {}: {RULE}",
-            i + 1
-        ));
+        return Err(BadKey::Character {
+            character: c,
+            position: i + 1,
+        });
     }
     if value.len() > MAX_KEY_LEN {
-        return Err(format!(
-            "{HEADER} is {} characters long: {RULE}",
-            value.len()
-        ));
+        return Err(BadKey::TooLong(value.len()));
     }
     Ok(())
 }
 
 /// The `Idempotency-Key` of a request: `None` without the header, the key
-/// when it is valid, else an error for a `400`.
-pub fn key_of(headers: &[Header]) -> Result<Option<String>, String> {
+/// when it is valid, else why it is refused (a `400`).
+pub fn key_of(headers: &[Header]) -> Result<Option<String>, BadKey> {
     let mut found = headers.iter().filter(|h| h.field.equiv(HEADER));
     let Some(first) = found.next() else {
         return Ok(None);
     };
     if found.next().is_some() {
-        return Err(format!("{HEADER} is given more than once"));
+        return Err(BadKey::Repeated);
     }
     let value = first.value.as_str();
     check_key(value)?;
@@ -273,16 +298,24 @@ mod tests {
         assert!(check_key("~").is_ok());
         assert!(check_key(&"k".repeat(255)).is_ok());
         assert!(check_key("\"quoted\"").is_ok());
-        let long = check_key(&"k".repeat(256)).unwrap_err();
+        let long = check_key(&"k".repeat(256)).unwrap_err().to_string();
         assert!(long.contains("256 characters long"), "{long}");
         assert!(check_key("a\tb")
             .unwrap_err()
+            .to_string()
             .contains("a tab at position 2"));
         assert!(check_key("ab\u{1}")
             .unwrap_err()
+            .to_string()
             .contains("control character 0x01 at position 3"));
-        assert!(check_key("ab\u{7f}").unwrap_err().contains("0x7F"));
-        assert!(check_key("clé").unwrap_err().contains("non-ASCII"));
+        assert!(check_key("ab\u{7f}")
+            .unwrap_err()
+            .to_string()
+            .contains("0x7F"));
+        assert!(check_key("clé")
+            .unwrap_err()
+            .to_string()
+            .contains("non-ASCII"));
     }
 
     #[test]
@@ -292,6 +325,7 @@ mod tests {
         assert_eq!(key_of(&[h("k1")]), Ok(Some("k1".into())));
         assert!(key_of(&[h("k1"), h("k1")])
             .unwrap_err()
+            .to_string()
             .contains("more than once"));
     }
 

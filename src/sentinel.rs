@@ -66,32 +66,71 @@ pub struct SentinelUrl {
     pub db: u32,
 }
 
+/// Why a `redis+sentinel://` URL does not parse. `Display` says what is
+/// wrong and, where it helps, what was expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    /// Neither `redis+sentinel://` nor `rediss+sentinel://`.
+    #[error("expected redis+sentinel:// or rediss+sentinel://")]
+    Scheme,
+    /// A `?query` or `#fragment`.
+    #[error("query parameters are not supported in a sentinel URL")]
+    Query,
+    /// No `/<master>` after the sentinels.
+    #[error("no master name: expected .../<master name>[/db] after the sentinels")]
+    NoMaster,
+    /// A master name with whitespace or control characters.
+    #[error("master name {0:?} has spaces or control characters")]
+    BadMaster(String),
+    /// A database that is not a number.
+    #[error("database {0:?} is not a number")]
+    BadDb(String),
+    /// More path after `/<master>/<db>`.
+    #[error("expected .../<master name>[/db], found more path segments")]
+    ExtraPath,
+    /// An empty entry in the list of sentinels.
+    #[error("empty sentinel address (expected host:port[,host:port...])")]
+    EmptyAddress,
+    /// `[v6` without its `]`.
+    #[error("sentinel address {0:?}: missing ']'")]
+    UnclosedV6(String),
+    /// Something other than `:port` after `[v6]`.
+    #[error("sentinel address {0:?}: expected [v6]:port")]
+    AfterV6(String),
+    /// `:port` without a host.
+    #[error("sentinel address {0:?} has no host")]
+    NoHost(String),
+    /// A port that is not 1 to 65535.
+    #[error("sentinel address {addr:?}: bad port {port:?}")]
+    BadPort {
+        /// The sentinel address as written.
+        addr: String,
+        /// Its port part.
+        port: String,
+    },
+}
+
 /// Whether `url` names sentinels rather than a Redis host.
 pub fn is_sentinel_url(url: &str) -> bool {
     url.starts_with("redis+sentinel://") || url.starts_with("rediss+sentinel://")
 }
 
-/// Parses `redis+sentinel://[user:pass@]host[:port][,host[:port]...]/<master>[/db]`.
-///
-/// ```
-/// use streamline::sentinel::parse;
-///
-/// let u = parse("redis+sentinel://app:s3cret@10.0.0.1:26379,10.0.0.2,[::1]:26380/orders/2").unwrap();
-/// assert_eq!(u.sentinels, [("10.0.0.1".to_string(), 26379), ("10.0.0.2".to_string(), 26379), ("::1".to_string(), 26380)]);
-/// assert_eq!((u.master.as_str(), u.db, u.tls), ("orders", 2, false));
-/// assert_eq!(u.data_url("10.0.0.7", 6379), "redis://app:s3cret@10.0.0.7:6379/2");
-/// assert!(parse("redis+sentinel://10.0.0.1:26379").unwrap_err().contains("master name"));
-/// ```
+/// [`SentinelUrl::parse`], with the error as text (what streamctl's usage
+/// errors carry).
 pub fn parse(url: &str) -> Result<SentinelUrl, String> {
+    SentinelUrl::parse(url).map_err(|e| e.to_string())
+}
+
+fn parse_url(url: &str) -> Result<SentinelUrl, UrlError> {
     let (tls, rest) = if let Some(r) = url.strip_prefix("rediss+sentinel://") {
         (true, r)
     } else if let Some(r) = url.strip_prefix("redis+sentinel://") {
         (false, r)
     } else {
-        return Err("expected redis+sentinel:// or rediss+sentinel://".into());
+        return Err(UrlError::Scheme);
     };
     if rest.contains(['?', '#']) {
-        return Err("query parameters are not supported in a sentinel URL".into());
+        return Err(UrlError::Query);
     }
     let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
     let (userinfo, hosts) = match authority.rsplit_once('@') {
@@ -106,24 +145,22 @@ pub fn parse(url: &str) -> Result<SentinelUrl, String> {
     let mut parts = path.split('/');
     let master = parts.next().unwrap_or_default();
     if master.is_empty() {
-        return Err("no master name: expected .../<master name>[/db] after the sentinels".into());
+        return Err(UrlError::NoMaster);
     }
     if master
         .bytes()
         .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
     {
-        return Err(format!(
-            "master name {master:?} has spaces or control characters"
-        ));
+        return Err(UrlError::BadMaster(master.to_string()));
     }
     let db = match parts.next() {
         None | Some("") => 0,
         Some(d) => d
             .parse::<u32>()
-            .map_err(|_| format!("database {d:?} is not a number"))?,
+            .map_err(|_| UrlError::BadDb(d.to_string()))?,
     };
     if parts.any(|p| !p.is_empty()) {
-        return Err("expected .../<master name>[/db], found more path segments".into());
+        return Err(UrlError::ExtraPath);
     }
     Ok(SentinelUrl {
         tls,
@@ -134,19 +171,19 @@ pub fn parse(url: &str) -> Result<SentinelUrl, String> {
     })
 }
 
-fn host_port(s: &str) -> Result<(String, u16), String> {
+fn host_port(s: &str) -> Result<(String, u16), UrlError> {
     let s = s.trim();
     if s.is_empty() {
-        return Err("empty sentinel address (expected host:port[,host:port...])".into());
+        return Err(UrlError::EmptyAddress);
     }
     let (host, port) = if let Some(v6) = s.strip_prefix('[') {
         let (host, after) = v6
             .split_once(']')
-            .ok_or_else(|| format!("sentinel address {s:?}: missing ']'"))?;
+            .ok_or_else(|| UrlError::UnclosedV6(s.to_string()))?;
         match after.strip_prefix(':') {
             Some(p) => (host, Some(p)),
             None if after.is_empty() => (host, None),
-            None => return Err(format!("sentinel address {s:?}: expected [v6]:port")),
+            None => return Err(UrlError::AfterV6(s.to_string())),
         }
     } else {
         match s.rsplit_once(':') {
@@ -155,13 +192,18 @@ fn host_port(s: &str) -> Result<(String, u16), String> {
         }
     };
     if host.is_empty() {
-        return Err(format!("sentinel address {s:?} has no host"));
+        return Err(UrlError::NoHost(s.to_string()));
     }
     let port = match port {
         None => DEFAULT_PORT,
         Some(p) => match p.parse::<u16>() {
             Ok(n) if n > 0 => n,
-            _ => return Err(format!("sentinel address {s:?}: bad port {p:?}")),
+            _ => {
+                return Err(UrlError::BadPort {
+                    addr: s.to_string(),
+                    port: p.to_string(),
+                })
+            }
         },
     };
     Ok((host.to_string(), port))
@@ -177,6 +219,23 @@ pub fn addr_text(host: &str, port: u16) -> String {
 }
 
 impl SentinelUrl {
+    /// Parses `redis+sentinel://[user:pass@]host[:port][,host[:port]...]/<master>[/db]`.
+    ///
+    /// ```
+    /// use streamline::sentinel::{SentinelUrl, UrlError};
+    ///
+    /// let u = SentinelUrl::parse("redis+sentinel://app:s3cret@10.0.0.1:26379,10.0.0.2,[::1]:26380/orders/2").unwrap();
+    /// assert_eq!(u.sentinels, [("10.0.0.1".to_string(), 26379), ("10.0.0.2".to_string(), 26379), ("::1".to_string(), 26380)]);
+    /// assert_eq!((u.master.as_str(), u.db, u.tls), ("orders", 2, false));
+    /// assert_eq!(u.data_url("10.0.0.7", 6379), "redis://app:s3cret@10.0.0.7:6379/2");
+    /// let e = SentinelUrl::parse("redis+sentinel://10.0.0.1:26379").unwrap_err();
+    /// assert_eq!(e, UrlError::NoMaster);
+    /// assert!(e.to_string().contains("master name"));
+    /// ```
+    pub fn parse(url: &str) -> Result<SentinelUrl, UrlError> {
+        parse_url(url)
+    }
+
     /// The `redis://` (or `rediss://`) URL of a data node at `host:port`,
     /// with this URL's credentials and database.
     pub fn data_url(&self, host: &str, port: u16) -> String {
@@ -686,6 +745,7 @@ mod tests {
         ] {
             let e = parse(bad).unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");
+            assert_eq!(SentinelUrl::parse(bad).unwrap_err().to_string(), e);
         }
     }
 

@@ -24,6 +24,7 @@
 //! (its atomic step checks the order is still pending), and notifications
 //! carry an `Idempotency-Key`.
 
+use redis::streams::StreamInfoGroupsReply;
 use redis::{Connection, RedisError};
 
 /// The stream order-service writes one entry to per accepted order.
@@ -146,7 +147,7 @@ pub fn is_nogroup(e: &RedisError) -> bool {
 pub fn group_gauges(conn: &mut Connection) -> Result<Vec<crate::metrics::GroupGauge>, RedisError> {
     let mut out = Vec::new();
     for spec in TOPOLOGY {
-        let infos: Vec<redis::Value> = match redis::cmd("XINFO")
+        let reply: StreamInfoGroupsReply = match redis::cmd("XINFO")
             .arg("GROUPS")
             .arg(spec.stream)
             .query(conn)
@@ -155,25 +156,18 @@ pub fn group_gauges(conn: &mut Connection) -> Result<Vec<crate::metrics::GroupGa
             Err(e) if e.code() == Some("ERR") => continue,
             Err(e) => return Err(e),
         };
-        for info in &infos {
-            let Some(fields) = crate::value::map_pairs(info) else {
-                continue;
-            };
-            let get = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v);
-            let Some(group) = get("name").and_then(crate::value::as_string) else {
-                continue;
-            };
-            out.push(crate::metrics::GroupGauge {
-                stream: spec.stream.to_string(),
-                group,
-                lag: get("lag")
-                    .and_then(crate::value::as_i64)
-                    .map(|n| n.max(0) as u64),
-                pending: get("pending")
-                    .and_then(crate::value::as_i64)
-                    .map(|n| n.max(0) as u64),
-            });
-        }
+        out.extend(
+            reply
+                .groups
+                .into_iter()
+                .map(|g| crate::metrics::GroupGauge {
+                    stream: spec.stream.to_string(),
+                    group: g.name,
+                    // `lag` is nil when Redis cannot tell, absent before Redis 7.
+                    lag: g.lag.map(|n| n as u64),
+                    pending: Some(g.pending as u64),
+                }),
+        );
     }
     Ok(out)
 }

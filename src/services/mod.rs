@@ -4,7 +4,6 @@ pub mod notification;
 pub mod order;
 pub mod payment;
 
-use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,44 +17,47 @@ use crate::metrics::GroupGauge;
 use crate::{notify, topology, trim};
 
 /// Why a service could not run. `Display` is one line an operator can act on.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
     /// The Redis client could not be built (URL, TLS settings).
-    Connect(ConnectError),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
     /// The HTTP listener could not start.
-    Bind(BindError),
+    #[error(transparent)]
+    Bind(#[from] BindError),
     /// A thread could not be started.
-    Spawn(std::io::Error),
+    #[error("cannot start a thread: {0}")]
+    Spawn(#[from] std::io::Error),
 }
 
-impl fmt::Display for ServiceError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ServiceError::Connect(e) => e.fmt(f),
-            ServiceError::Bind(e) => e.fmt(f),
-            ServiceError::Spawn(e) => write!(f, "cannot start a thread: {e}"),
-        }
-    }
+/// Why a service is not ready; `Display` is the `error` of its `503`
+/// `/readyz` answer.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    /// Redis does not answer.
+    #[error("Redis unavailable: {0}")]
+    Unavailable(redis::RedisError),
+    /// A group of the topology is missing and creating it failed.
+    #[error("consumer groups are missing and cannot be created: {0}")]
+    CannotCreateGroups(redis::RedisError),
+    /// A group of the topology is still missing after it was created.
+    #[error("consumer groups of the topology are missing")]
+    GroupsMissing,
+    /// Any of the above, with the sentinel master in use.
+    #[error("{why} (sentinel master {name}, {})", last_seen(.addr))]
+    Sentinel {
+        /// What is wrong.
+        why: Box<NotReady>,
+        /// The master's name.
+        name: String,
+        /// Where it was last found (`host:port`), if ever.
+        addr: Option<String>,
+    },
 }
 
-impl std::error::Error for ServiceError {}
-
-impl From<ConnectError> for ServiceError {
-    fn from(e: ConnectError) -> Self {
-        ServiceError::Connect(e)
-    }
-}
-
-impl From<BindError> for ServiceError {
-    fn from(e: BindError) -> Self {
-        ServiceError::Bind(e)
-    }
-}
-
-impl From<std::io::Error> for ServiceError {
-    fn from(e: std::io::Error) -> Self {
-        ServiceError::Spawn(e)
-    }
+fn last_seen(addr: &Option<String>) -> String {
+    addr.as_ref()
+        .map_or_else(|| "not found yet".to_string(), |a| format!("last at {a}"))
 }
 
 /// A connection of its own for `/readyz` and `/metrics`, so a probe never
@@ -83,26 +85,22 @@ impl Probe {
     /// `Ok` when Redis answers and every group of the topology exists,
     /// with what `/readyz` adds to its body: with sentinels, the master in
     /// use (`master`, `host:port`) and its name (`sentinelMaster`).
-    pub fn ready(&self) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    pub fn ready(&self) -> Result<serde_json::Map<String, serde_json::Value>, NotReady> {
         let redis = self.0.lock().unwrap_or_else(|e| e.into_inner()).redis();
         let result = self.check_ready();
-        let mut extra = serde_json::Map::new();
-        if let Some((name, addr)) = redis.master() {
-            match &result {
-                Err(e) => {
-                    let at = addr
-                        .map_or_else(|| "not found yet".to_string(), |a| format!("last at {a}"));
-                    return Err(format!("{e} (sentinel master {name}, {at})"));
-                }
-                Ok(()) => {
-                    extra.insert("sentinelMaster".into(), name.into());
-                    if let Some(a) = addr {
-                        extra.insert("master".into(), a.into());
-                    }
-                }
-            }
+        let Some((name, addr)) = redis.master() else {
+            return result.map(|()| serde_json::Map::new());
+        };
+        if let Err(why) = result {
+            let why = Box::new(why);
+            return Err(NotReady::Sentinel { why, name, addr });
         }
-        result.map(|()| extra)
+        let mut extra = serde_json::Map::new();
+        extra.insert("sentinelMaster".into(), name.into());
+        if let Some(a) = addr {
+            extra.insert("master".into(), a.into());
+        }
+        Ok(extra)
     }
 
     /// Missing groups are created here, not only when work arrives: after
@@ -110,23 +108,24 @@ impl Probe {
     /// sends the order that would have recreated them, so a probe that only
     /// looked would say 503 forever. Creating a group at ID `0` is what
     /// every service does at start, so it is safe at any moment.
-    fn check_ready(&self) -> Result<(), String> {
+    fn check_ready(&self) -> Result<(), NotReady> {
         // XINFO GROUPS answering is the proof that Redis answers.
-        match self.run(topology::group_gauges) {
-            Ok(gauges) if topology::groups_present(&gauges) => return Ok(()),
-            Ok(_) => {}
-            Err(e) => return Err(format!("Redis unavailable: {e}")),
+        let gauges = self
+            .run(topology::group_gauges)
+            .map_err(NotReady::Unavailable)?;
+        if topology::groups_present(&gauges) {
+            return Ok(());
         }
-        if let Err(e) = self.run(topology::ensure_groups) {
-            return Err(format!(
-                "consumer groups are missing and cannot be created: {e}"
-            ));
-        }
+        self.run(topology::ensure_groups)
+            .map_err(NotReady::CannotCreateGroups)?;
         log::info!("recreated the missing consumer groups of the topology");
-        match self.run(topology::group_gauges) {
-            Ok(gauges) if topology::groups_present(&gauges) => Ok(()),
-            Ok(_) => Err("consumer groups of the topology are missing".into()),
-            Err(e) => Err(format!("Redis unavailable: {e}")),
+        let gauges = self
+            .run(topology::group_gauges)
+            .map_err(NotReady::Unavailable)?;
+        if topology::groups_present(&gauges) {
+            Ok(())
+        } else {
+            Err(NotReady::GroupsMissing)
         }
     }
 

@@ -111,7 +111,7 @@ fn keyed<E: KeyError>(
     request: &Request,
     order: Result<Order, E>,
 ) -> Result<(Order, Option<String>), E> {
-    let key = idempotency::key_of(request.headers()).map_err(E::bad_key)?;
+    let key = idempotency::key_of(request.headers()).map_err(|e| E::bad_key(e.to_string()))?;
     Ok((order?, key))
 }
 

@@ -53,3 +53,6 @@ mod sentinel;
 
 // A retried order is never a second order: the Idempotency-Key (issue 13).
 mod idempotent_intake;
+
+// The lines the library's errors print stay word for word (issue 12.5).
+mod error_messages;
