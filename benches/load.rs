@@ -10,7 +10,8 @@
 //! beside it, hence the `#[path]`s): [`args`], the HTTP [`client`],
 //! the closed-loop [`drive`]r, the [`reference`] runs, the [`system`] run
 //! and its drain, the [`latency`] run, [`ready`] (start-to-ready),
-//! [`procs`] (memory and CPU), [`progress`], [`stats`] and [`report`];
+//! [`procs`] (memory and CPU), [`progress`], [`stats`] and [`report`]
+//! (its Markdown tables are streamctl's [`table`], the same file);
 //! for mode `wan`, the [`delay`] proxy and the services it [`spawn`]s.
 
 #[path = "load/args.rs"]
@@ -39,6 +40,10 @@ mod spawn;
 mod stats;
 #[path = "load/system.rs"]
 mod system;
+// The table renderer is streamctl's own file (std only), so the two
+// tools cannot drift apart.
+#[path = "../src/bin/streamctl/table.rs"]
+mod table;
 
 use std::process::ExitCode;
 

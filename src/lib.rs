@@ -21,10 +21,13 @@
 //! Operating it: [`config`], [`connection`] (Redis with timeouts and
 //! reconnection), [`sentinel`] (finding and following the master),
 //! [`metrics`], [`notify`] (systemd), [`logger`], [`shutdown`].
+//! The operator's tool, `streamctl`, is a binary of its own
+//! (`src/bin/streamctl/`) built on [`topology`], [`dlq`], [`trim`],
+//! [`connection`], [`sentinel`], [`idempotency`], [`config`], [`record`]
+//! and [`value`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod connection;

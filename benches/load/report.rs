@@ -9,6 +9,7 @@ use crate::ready::ReadyRun;
 use crate::reference::XaddRates;
 use crate::stats::{self, median, mib, ms, per_sec, ratio};
 use crate::system::SystemRun;
+use crate::table::Table;
 
 /// What one round of `all` (or `reference`) measured.
 #[derive(Default)]
@@ -37,63 +38,6 @@ impl Round {
         self.latency
             .as_ref()
             .map_or(f64::NAN, |l| l.payment.p99.as_secs_f64() * 1e3)
-    }
-}
-
-/// A table whose columns are padded to their widest cell.
-struct Table {
-    rows: Vec<Vec<String>>,
-}
-
-impl Table {
-    fn new(header: &[&str]) -> Table {
-        Table {
-            rows: vec![header.iter().map(|h| h.to_string()).collect()],
-        }
-    }
-
-    fn row(&mut self, cells: Vec<String>) {
-        self.rows.push(cells);
-    }
-
-    fn print(&self) {
-        let columns = self.rows.iter().map(Vec::len).max().unwrap_or(0);
-        let width = |c: usize| {
-            self.rows
-                .iter()
-                .map(|r| r.get(c).map_or(0, |s| s.chars().count()))
-                .max()
-                .unwrap_or(0)
-        };
-        let widths: Vec<usize> = (0..columns).map(width).collect();
-        for (i, row) in self.rows.iter().enumerate() {
-            let cells: Vec<String> = widths
-                .iter()
-                .enumerate()
-                .map(|(c, w)| {
-                    // The first column names the row: left-aligned.
-                    let cell = row.get(c).map_or("", String::as_str);
-                    if c == 0 {
-                        format!("{cell:<w$}")
-                    } else {
-                        format!("{cell:>w$}")
-                    }
-                })
-                .collect();
-            println!("| {} |", cells.join(" | "));
-            if i == 0 {
-                let rule: Vec<String> = widths
-                    .iter()
-                    .enumerate()
-                    .map(|(c, w)| match c {
-                        0 => format!(":{}", "-".repeat(*w - 1)),
-                        _ => format!("{}:", "-".repeat(*w - 1)),
-                    })
-                    .collect();
-                println!("| {} |", rule.join(" | "));
-            }
-        }
-        println!();
     }
 }
 
@@ -138,7 +82,7 @@ pub fn throughput(rounds: &[Round]) {
     if rounds.len() > 1 {
         t.row(median_row(rounds));
     }
-    t.print();
+    println!("{}", t.markdown());
 }
 
 fn throughput_row(label: String, r: &Round) -> Vec<String> {
@@ -230,7 +174,7 @@ pub fn reference(rounds: &[Round]) {
             m(&|r| r.xadd.map_or(f64::NAN, |x| x.pipelined)),
         ]);
     }
-    t.print();
+    println!("{}", t.markdown());
 }
 
 /// One system run (mode `load`).
@@ -317,7 +261,7 @@ pub fn keyed(pairs: &[(SystemRun, SystemRun)]) {
             ratio(share),
         ]);
     }
-    t.print();
+    println!("{}", t.markdown());
     for (i, (p, k)) in pairs.iter().enumerate() {
         for (what, run) in [("unkeyed", p), ("keyed", k)] {
             if let Some(e) = &run.http.first_error {
@@ -381,7 +325,7 @@ pub fn latency(args: &Args, runs: &[&LatencyRun]) {
         ]);
         t.row(row);
     }
-    t.print();
+    println!("{}", t.markdown());
     for (i, l) in runs.iter().enumerate() {
         if let Some(e) = &l.first_error {
             println!("round {}: first failure: {e}", i + 1);
@@ -416,7 +360,7 @@ pub fn memory(procs: &[Proc], before: &[Option<Mem>], after: &[Option<Mem>]) {
             cell(a, |m| m.hwm_kib),
         ]);
     }
-    t.print();
+    println!("{}", t.markdown());
 }
 
 /// Start-to-ready of every binary.
@@ -443,7 +387,7 @@ pub fn ready(runs: &[ReadyRun]) {
             format!("{:.1}", med(|s| s.stop.as_secs_f64() * 1e3)),
         ]);
     }
-    t.print();
+    println!("{}", t.markdown());
     let worst = runs
         .iter()
         .flat_map(|r| r.starts.iter().map(|s| s.ready.as_secs_f64() * 1e3))
