@@ -161,13 +161,18 @@ impl ClientConnection {
     }
 
     fn set_waiting(&self, waiting: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
         if let Some((state, epoch)) = &self.waiting {
-            let value = if waiting {
-                epoch.elapsed().as_millis() as u64 + 1
+            if waiting {
+                // Only from busy (0): a connection already waiting keeps
+                // the moment it started to, which for a new one is when it
+                // was accepted (its thread may start later, and out of
+                // order with the threads of connections accepted after it).
+                let since = epoch.elapsed().as_millis() as u64 + 1;
+                let _ = state.compare_exchange(0, since, Relaxed, Relaxed);
             } else {
-                0
-            };
-            state.store(value, std::sync::atomic::Ordering::Relaxed);
+                state.store(0, Relaxed);
+            }
         }
     }
 
