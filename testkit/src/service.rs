@@ -40,10 +40,12 @@ pub struct ServiceSpec {
 }
 
 impl ServiceSpec {
-    /// The binary at `bin`, named after its file name.
+    /// The binary at `bin`, named after its file name. A relative path is
+    /// taken from this process's working directory (the service runs in a
+    /// directory of its own).
     pub fn new(bin: &Path) -> ServiceSpec {
         ServiceSpec {
-            bin: bin.to_path_buf(),
+            bin: absolute(bin),
             env: Vec::new(),
             args: Vec::new(),
             inherit_env: false,
@@ -583,7 +585,7 @@ pub fn run_to_exit(bin: &Path, env: &[(&str, &str)], args: &[&str], timeout: Dur
     let create = |p: &Path| {
         std::fs::File::create(p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()))
     };
-    let mut cmd = Command::new(bin);
+    let mut cmd = Command::new(absolute(bin));
     cmd.env_clear();
     if let Some(path) = std::env::var_os("PATH") {
         cmd.env("PATH", path);
@@ -620,4 +622,10 @@ pub fn run_to_exit(bin: &Path, env: &[(&str, &str)], args: &[&str], timeout: Dur
         stdout: read_lossy(&out_path),
         stderr: read_lossy(&err_path),
     }
+}
+
+/// `path` from this process's working directory: a child started in
+/// another directory would look for a relative path there.
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
