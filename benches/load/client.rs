@@ -2,27 +2,23 @@
 //! alive across requests.
 //!
 //! Two implementations, chosen with `--client`: `ureq` (an `Agent` per
-//! thread), and `raw`, HTTP/1.1 written by hand on a `TcpStream` with a
-//! minimal response parser (status line, `Content-Length`, chunked bodies,
-//! `Connection: close`). `raw` is the default because, measured against the
+//! thread), and `raw`, the test kit's [`RawClient`]: HTTP/1.1 written by
+//! hand on a `TcpStream` with a minimal response parser (status line,
+//! `Content-Length`, chunked bodies, `Connection: close`). `raw` is the default because, measured against the
 //! bare tiny_http server, it costs the client side less CPU: on a small
 //! machine the client shares the cores with the server it measures, so a
 //! cheaper client leaves more of them to the server (see BENCHMARKS.md).
 
-use std::fmt::Write as _;
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+use testkit::raw::RawClient;
+
 use crate::args::is_local_host;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Every read and write is bounded: a request never hangs a load thread.
+/// Every request is bounded: a request never hangs a load thread.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
-const MAX_LINE: u64 = 8 * 1024;
-const MAX_HEADERS: usize = 100;
-const MAX_BODY: usize = 1 << 20;
 
 /// Which client implementation to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,7 +93,7 @@ impl Client {
     /// A client of `kind` for `target`; connects on the first request.
     pub fn new(kind: ClientKind, target: &Target) -> Client {
         match kind {
-            ClientKind::Raw => Client::Raw(RawClient::new(target)),
+            ClientKind::Raw => Client::Raw(RawClient::new(target.addr)),
             ClientKind::Ureq => Client::Ureq(UreqClient::new(target)),
         }
     }
@@ -112,7 +108,7 @@ impl Client {
     /// given.
     pub fn get_keyed(&mut self, path: &str, key: Option<&str>) -> Result<u16, String> {
         match self {
-            Client::Raw(c) => c.get(path, key),
+            Client::Raw(c) => c.get_keyed(path, key),
             Client::Ureq(c) => c.get(path, key),
         }
     }
@@ -136,197 +132,10 @@ impl Client {
     /// The body of the last answer.
     pub fn body(&self) -> &[u8] {
         match self {
-            Client::Raw(c) => &c.body,
+            Client::Raw(c) => c.body(),
             Client::Ureq(c) => &c.body,
         }
     }
-}
-
-/// HTTP/1.1 by hand: one buffered `TcpStream`, reconnected after an error or
-/// a `Connection: close`.
-pub struct RawClient {
-    addr: SocketAddr,
-    host: String,
-    conn: Option<BufReader<TcpStream>>,
-    request: String,
-    line: String,
-    body: Vec<u8>,
-}
-
-impl RawClient {
-    /// A client for `target`; connects on the first request.
-    pub fn new(target: &Target) -> RawClient {
-        RawClient {
-            addr: target.addr,
-            host: target.addr.to_string(),
-            conn: None,
-            request: String::with_capacity(256),
-            line: String::with_capacity(256),
-            body: Vec::with_capacity(256),
-        }
-    }
-
-    /// `GET path`, with `Idempotency-Key: key` if given. Never retried:
-    /// the point is to measure each request once.
-    pub fn get(&mut self, path: &str, key: Option<&str>) -> Result<u16, String> {
-        match self.exchange(path, key) {
-            Ok((status, keep_alive)) => {
-                if !keep_alive {
-                    self.conn = None;
-                }
-                Ok(status)
-            }
-            Err(e) => {
-                self.conn = None;
-                Err(format!("{}: {e}", self.addr))
-            }
-        }
-    }
-
-    fn exchange(&mut self, path: &str, key: Option<&str>) -> io::Result<(u16, bool)> {
-        let conn = match self.conn.take() {
-            Some(c) => c,
-            None => connect(self.addr)?,
-        };
-        let conn = self.conn.insert(conn);
-        self.request.clear();
-        // Writing to a String cannot fail.
-        let _ = write!(
-            self.request,
-            "GET {path} HTTP/1.1\r\nHost: {}\r\n",
-            self.host
-        );
-        if let Some(key) = key {
-            let _ = write!(self.request, "Idempotency-Key: {key}\r\n");
-        }
-        self.request.push_str("\r\n");
-        conn.get_mut().write_all(self.request.as_bytes())?;
-        read_response(conn, &mut self.line, &mut self.body)
-    }
-}
-
-fn connect(addr: SocketAddr) -> io::Result<BufReader<TcpStream>> {
-    let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    Ok(BufReader::with_capacity(8 * 1024, stream))
-}
-
-/// What the headers say about the body and the connection.
-#[derive(Default)]
-struct Head {
-    length: Option<usize>,
-    chunked: bool,
-    close: bool,
-    keep_alive: bool,
-}
-
-/// Reads one response; returns its status and whether the connection can
-/// carry another request.
-fn read_response(
-    r: &mut BufReader<TcpStream>,
-    line: &mut String,
-    body: &mut Vec<u8>,
-) -> io::Result<(u16, bool)> {
-    let (status, http10) = read_status(r, line)?;
-    let head = read_headers(r, line)?;
-    let keep_alive = !head.close && (!http10 || head.keep_alive);
-    body.clear();
-    if head.chunked {
-        read_chunked(r, line, body)?;
-    } else if let Some(n) = head.length {
-        if n > MAX_BODY {
-            return Err(invalid("body too large"));
-        }
-        body.resize(n, 0);
-        r.read_exact(body)?;
-    } else if !(status == 204 || status == 304 || status < 200) {
-        // No length: the body ends when the server closes.
-        r.take(MAX_BODY as u64).read_to_end(body)?;
-        return Ok((status, false));
-    }
-    Ok((status, keep_alive))
-}
-
-fn read_line(r: &mut BufReader<TcpStream>, line: &mut String) -> io::Result<()> {
-    line.clear();
-    if r.by_ref().take(MAX_LINE).read_line(line)? == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "connection closed by the server",
-        ));
-    }
-    Ok(())
-}
-
-fn read_status(r: &mut BufReader<TcpStream>, line: &mut String) -> io::Result<(u16, bool)> {
-    read_line(r, line)?;
-    let mut parts = line.split_ascii_whitespace();
-    let version = parts.next().unwrap_or_default();
-    if !version.starts_with("HTTP/1.") {
-        return Err(invalid("not an HTTP/1.x status line"));
-    }
-    let status = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| invalid("bad status code"))?;
-    Ok((status, version == "HTTP/1.0"))
-}
-
-fn read_headers(r: &mut BufReader<TcpStream>, line: &mut String) -> io::Result<Head> {
-    let mut head = Head::default();
-    for _ in 0..MAX_HEADERS {
-        read_line(r, line)?;
-        let text = line.trim_end();
-        if text.is_empty() {
-            return Ok(head);
-        }
-        let Some((name, value)) = text.split_once(':') else {
-            return Err(invalid("header without a colon"));
-        };
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("content-length") {
-            head.length = Some(value.parse().map_err(|_| invalid("bad Content-Length"))?);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            head.chunked = value.to_ascii_lowercase().contains("chunked");
-        } else if name.eq_ignore_ascii_case("connection") {
-            head.close |= value.eq_ignore_ascii_case("close");
-            head.keep_alive |= value.eq_ignore_ascii_case("keep-alive");
-        }
-    }
-    Err(invalid("too many headers"))
-}
-
-fn read_chunked(
-    r: &mut BufReader<TcpStream>,
-    line: &mut String,
-    body: &mut Vec<u8>,
-) -> io::Result<()> {
-    while body.len() <= MAX_BODY {
-        read_line(r, line)?;
-        let size = line.trim_end().split(';').next().unwrap_or_default();
-        let size = usize::from_str_radix(size.trim(), 16).map_err(|_| invalid("bad chunk size"))?;
-        if size == 0 {
-            // Trailers, then the blank line that ends the message.
-            for _ in 0..MAX_HEADERS {
-                read_line(r, line)?;
-                if line.trim_end().is_empty() {
-                    return Ok(());
-                }
-            }
-            return Err(invalid("too many trailers"));
-        }
-        let start = body.len();
-        body.resize(start + size, 0);
-        r.read_exact(&mut body[start..])?;
-        read_line(r, line)?;
-    }
-    Err(invalid("body too large"))
-}
-
-fn invalid(msg: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
 }
 
 /// A `ureq::Agent` of its own (its pool keeps the connection alive).

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use redis::{Connection, Value};
 use streamline::topology::PAYMENT_EVENTS;
-use streamline::value::{as_array, as_string, map_pairs};
+use testkit::stream::{read_reply_entries, try_stream_info};
 
 use crate::args::Args;
 use crate::client::Client;
@@ -108,20 +108,11 @@ pub fn run(args: &Args, progress: &Progress) -> Result<LatencyRun, String> {
 
 /// The ID after which payments of this run can appear.
 fn last_payment_id(conn: &mut Connection) -> Result<String, String> {
-    let reply: Result<Value, _> = redis::cmd("XINFO")
-        .arg("STREAM")
-        .arg(PAYMENT_EVENTS)
-        .query(conn);
-    match reply {
-        Ok(v) => Ok(map_pairs(&v)
-            .unwrap_or_default()
-            .iter()
-            .find(|(k, _)| k == "last-generated-id")
-            .and_then(|(_, v)| as_string(v))
-            .unwrap_or_else(|| "0-0".to_string())),
-        Err(e) if e.to_string().contains("no such key") => Ok("0-0".to_string()),
-        Err(e) => Err(format!("XINFO STREAM {PAYMENT_EVENTS}: {e}")),
-    }
+    let info = try_stream_info(conn, PAYMENT_EVENTS)?;
+    Ok(info
+        .map(|i| i.last_generated_id)
+        .filter(|id| !id.is_empty())
+        .unwrap_or_else(|| "0-0".to_string()))
 }
 
 /// Follows `payment-events` until told to stop; sends `(orderId, seen)`.
@@ -158,27 +149,13 @@ fn watch(
 
 /// `(entry ID, orderId)` of every entry in an `XREAD` reply (RESP2 or 3).
 fn payment_entries(reply: &Value) -> Vec<(String, Option<String>)> {
-    let entries: Vec<&Value> = match reply {
-        Value::Map(streams) => streams.iter().map(|(_, v)| v).collect(),
-        Value::Array(streams) => streams.iter().filter_map(|s| as_array(s)?.get(1)).collect(),
-        _ => Vec::new(),
-    };
-    entries
+    read_reply_entries(reply)
         .into_iter()
-        .flat_map(|e| as_array(e).unwrap_or(&[]))
-        .filter_map(entry)
+        .map(|e| {
+            let order_id = e.text("orderId");
+            (e.id, order_id)
+        })
         .collect()
-}
-
-fn entry(v: &Value) -> Option<(String, Option<String>)> {
-    let [id, fields] = as_array(v)? else {
-        return None;
-    };
-    let order_id = map_pairs(fields)?
-        .into_iter()
-        .find(|(k, _)| k == "orderId")
-        .and_then(|(_, v)| as_string(&v));
-    Some((as_string(id)?, order_id))
 }
 
 /// Runs the sender threads; order `i` goes to sender `i % senders`.

@@ -5,17 +5,18 @@
 //! (`bench-wan`), and is stopped with SIGTERM when [`Services`] is dropped.
 
 use std::path::Path;
-use std::process::Child;
+
+use testkit::Service;
 
 use crate::client::Target;
 use crate::procs::SERVICES;
-use crate::ready::{spawn, tail, terminate, wait_ready};
+use crate::ready::{spawn, stop, wait_ready};
 
 /// The running services.
 pub struct Services {
     /// order-service.
     pub target: Target,
-    children: Vec<Child>,
+    running: Vec<Service>,
 }
 
 impl Services {
@@ -24,16 +25,13 @@ impl Services {
     pub fn start(bin_dir: &Path, redis_url: &str) -> Result<Services, String> {
         let mut services = Services {
             target: Target::local(0),
-            children: Vec::new(),
+            running: Vec::new(),
         };
         for name in SERVICES {
-            let (mut child, port, log) = spawn(&bin_dir.join(name), name, redis_url, "bench-wan")?;
-            let target = Target::local(port);
-            let ready = wait_ready(&mut child, &target, std::time::Instant::now());
-            services.children.push(child);
-            if let Err(e) = ready {
-                return Err(format!("{name}: {e}; its log:\n{}", tail(&log)));
-            }
+            let mut service = spawn(&bin_dir.join(name), redis_url, "bench-wan")?;
+            let target = Target::local(service.addr().port());
+            wait_ready(&mut service)?;
+            services.running.push(service);
             if name == "order-service" {
                 services.target = target;
             }
@@ -43,15 +41,16 @@ impl Services {
 
     /// Their pids, in [`SERVICES`] order.
     pub fn pids(&self) -> Vec<u32> {
-        self.children.iter().map(Child::id).collect()
+        self.running.iter().filter_map(Service::pid).collect()
     }
 }
 
 impl Drop for Services {
     fn drop(&mut self) {
-        for child in &mut self.children {
-            if terminate(child).is_err() {
-                eprintln!("load: pid {} did not stop on SIGTERM (killed)", child.id());
+        for service in &mut self.running {
+            let pid = service.pid().unwrap_or(0);
+            if stop(service).is_err() {
+                eprintln!("load: pid {pid} did not stop on SIGTERM (killed)");
             }
         }
     }

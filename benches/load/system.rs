@@ -9,12 +9,13 @@
 //! does not lower (Redis 7; older servers fall back to the length).
 
 use std::fmt::Write as _;
-use std::thread;
 use std::time::{Duration, Instant};
 
+use redis::streams::StreamInfoGroup;
 use redis::{Connection, Value};
 use streamline::topology::{ORDER_EVENTS, PAYMENT_EVENTS, TOPOLOGY};
-use streamline::value::{as_array, as_i64, as_string, map_pairs};
+use testkit::poll_for;
+use testkit::stream::{is_no_such_key, parse_groups, parse_stream_info};
 
 use crate::args::Args;
 use crate::client::{Client, ClientKind, Target};
@@ -125,7 +126,7 @@ impl Snapshot {
             pipe.cmd("XINFO").arg("GROUPS").arg(spec.stream);
         }
         let replies: Vec<Value> = pipe.query(conn).map_err(|e| {
-            if e.to_string().contains("no such key") {
+            if is_no_such_key(&e) {
                 format!(
                     "stream {ORDER_EVENTS} or {PAYMENT_EVENTS} does not exist (start the services)"
                 )
@@ -138,15 +139,20 @@ impl Snapshot {
             let [stream, groups] = pair else {
                 return Err("XINFO: short reply".to_string());
             };
-            let (added, last_id) = stream_info(stream);
+            let info = parse_stream_info(stream);
             match spec.stream {
-                ORDER_EVENTS => snap.orders_added = added,
-                PAYMENT_EVENTS => snap.payments_added = added,
+                ORDER_EVENTS => snap.orders_added = info.added(),
+                PAYMENT_EVENTS => snap.payments_added = info.added(),
                 _ => {}
             }
+            let groups = parse_groups(groups)?;
             for group in spec.groups {
-                snap.groups
-                    .push(group_state(spec.stream, group, groups, &last_id));
+                snap.groups.push(group_state(
+                    spec.stream,
+                    group,
+                    &groups,
+                    &info.last_generated_id,
+                ));
             }
         }
         Ok(snap)
@@ -194,60 +200,27 @@ impl Snapshot {
     }
 }
 
-/// `entries-added` (or the length) and `last-generated-id` of a stream.
-fn stream_info(reply: &Value) -> (u64, String) {
-    let pairs = map_pairs(reply).unwrap_or_default();
-    let field = |name: &str| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v);
-    let added = field("entries-added")
-        .or_else(|| field("length"))
-        .and_then(as_i64)
-        .unwrap_or(0);
-    let last_id = field("last-generated-id")
-        .and_then(as_string)
-        .unwrap_or_default();
-    (u64::try_from(added).unwrap_or(0), last_id)
-}
-
 fn group_state(
     stream: &'static str,
     group: &'static str,
-    groups: &Value,
+    groups: &[StreamInfoGroup],
     last_id: &str,
 ) -> GroupState {
-    let mut state = GroupState {
+    let found = groups.iter().find(|g| g.name == group);
+    let lag = found.and_then(|g| g.lag).map(|n| n as u64);
+    GroupState {
         stream,
         group,
-        pending: None,
-        lag: None,
-        caught_up: false,
-    };
-    let found = as_array(groups)
-        .unwrap_or(&[])
-        .iter()
-        .filter_map(map_pairs)
-        .find(|pairs| {
-            pairs
-                .iter()
-                .any(|(k, v)| k == "name" && as_string(v).as_deref() == Some(group))
-        });
-    let Some(pairs) = found else { return state };
-    let field = |name: &str| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v);
-    let number = |name: &str| {
-        field(name)
-            .and_then(as_i64)
-            .and_then(|n| u64::try_from(n).ok())
-    };
-    state.pending = Some(number("pending").unwrap_or(0));
-    state.lag = number("lag");
-    let delivered = field("last-delivered-id").and_then(as_string);
-    state.caught_up = state.lag == Some(0) || delivered.as_deref() == Some(last_id);
-    state
+        pending: found.map(|g| g.pending as u64),
+        lag,
+        caught_up: found.is_some_and(|g| lag == Some(0) || g.last_delivered_id == last_id),
+    }
 }
 
 /// Polls [`Snapshot`]s every [`POLL`] until `done` holds; returns the
 /// instant the reply that showed it arrived. Fails after `limit`, or when
 /// nothing moved for [`STALL`].
-pub fn wait_until(
+pub fn poll_snapshots(
     conn: &mut Connection,
     what: &str,
     limit: Duration,
@@ -255,29 +228,35 @@ pub fn wait_until(
     done: impl Fn(&Snapshot) -> bool,
 ) -> Result<(Instant, Snapshot), String> {
     let start = Instant::now();
-    let (mut moved, mut seen) = (start, None);
-    loop {
-        let snap = Snapshot::take(conn)?;
+    let (mut moved, mut seen, mut last) = (start, None, None);
+    let stalled = |moved: Instant, now: Instant, last: Option<&Snapshot>| {
+        format!(
+            "{what}: no progress for {:.0?} ({:.0?} in all): {}; \
+             are payment-service and notification-service running?",
+            now - moved,
+            now - start,
+            last.map(Snapshot::describe).unwrap_or_default()
+        )
+    };
+    let polled = poll_for(limit, POLL, || {
+        let snap = match Snapshot::take(conn) {
+            Ok(snap) => snap,
+            Err(e) => return Some(Err(e)),
+        };
         let now = Instant::now();
         if done(&snap) {
-            return Ok((now, snap));
+            return Some(Ok((now, snap)));
         }
         let state = (snap.backlog(), snap.orders_added, snap.payments_added);
         if seen != Some(state) {
             (moved, seen) = (now, Some(state));
         }
         progress.relabel(format!("{what} (backlog {})", state.0));
-        if now - moved > STALL || now - start > limit {
-            return Err(format!(
-                "{what}: no progress for {:.0?} ({:.0?} in all): {}; \
-                 are payment-service and notification-service running?",
-                now - moved,
-                now - start,
-                snap.describe()
-            ));
-        }
-        thread::sleep(POLL);
-    }
+        let stall = now - moved > STALL;
+        last = Some(snap);
+        stall.then(|| Err(stalled(moved, now, last.as_ref())))
+    });
+    polled.unwrap_or_else(|_| Err(stalled(moved, Instant::now(), last.as_ref())))
 }
 
 /// One `/order` load and its drain.
@@ -315,7 +294,7 @@ pub fn run_with_keys(
 ) -> Result<SystemRun, String> {
     let mut conn = redis_connect(&args.redis)?;
     progress.phase("waiting for an idle system", 0);
-    let (_, base) = wait_until(
+    let (_, base) = poll_snapshots(
         &mut conn,
         "waiting for an idle system",
         args.time_limit,
@@ -344,7 +323,7 @@ pub fn run_with_keys(
     }
     let want = base.payments_added + http.ok as u64;
     progress.phase("draining", 0);
-    let drained = wait_until(&mut conn, "draining", args.time_limit, progress, |s| {
+    let drained = poll_snapshots(&mut conn, "draining", args.time_limit, progress, |s| {
         s.consumed() && s.payments_added >= want
     });
     progress.idle();

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use redis::streams::{StreamInfoGroup, StreamInfoGroupsReply};
+use redis::streams::StreamInfoGroup;
 use redis::{Connection, Value};
 
 use super::{agent, request_with, RedisServer, Service};
@@ -231,64 +231,7 @@ pub fn order_url(base: &str, prefix: &str, i: usize) -> String {
     format!("{base}?userId={user}&productId={product}&price={price}")
 }
 
-/// A stream entry with its fields as bytes, as Redis keeps them.
-#[derive(Debug, Clone)]
-pub struct RawEntry {
-    /// The entry ID.
-    pub id: String,
-    /// Field/value pairs in order.
-    pub fields: Vec<(Vec<u8>, Vec<u8>)>,
-}
-
-impl RawEntry {
-    /// The raw value of a field.
-    pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.fields
-            .iter()
-            .find(|(k, _)| k.as_slice() == name.as_bytes())
-            .map(|(_, v)| v.as_slice())
-    }
-
-    /// A field as text (lossily decoded).
-    pub fn text(&self, name: &str) -> Option<String> {
-        self.get(name)
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-    }
-}
-
-/// `XRANGE stream start end` (all entries with `-`, `+`).
-pub fn xrange(conn: &mut Connection, stream: &str, start: &str, end: &str) -> Vec<RawEntry> {
-    let reply: Value = redis::cmd("XRANGE")
-        .arg(stream)
-        .arg(start)
-        .arg(end)
-        .query(conn)
-        .unwrap_or_else(|e| panic!("XRANGE {stream} {start} {end}: {e}"));
-    parse_entries(&reply)
-}
-
-fn parse_entries(reply: &Value) -> Vec<RawEntry> {
-    let Value::Array(entries) = reply else {
-        return Vec::new();
-    };
-    entries
-        .iter()
-        .filter_map(|e| {
-            let Value::Array(parts) = e else { return None };
-            let [Value::BulkString(id), Value::Array(kv), ..] = parts.as_slice() else {
-                return None;
-            };
-            let bytes = |v: &Value| match v {
-                Value::BulkString(b) => b.clone(),
-                other => format!("{other:?}").into_bytes(),
-            };
-            Some(RawEntry {
-                id: String::from_utf8_lossy(id).into_owned(),
-                fields: kv.chunks(2).map(|p| (bytes(&p[0]), bytes(&p[1]))).collect(),
-            })
-        })
-        .collect()
-}
+pub use testkit::stream::{xrange, RawEntry};
 
 /// The pending entries of a group: the total and the count per consumer
 /// (`XPENDING stream group`). A missing group counts as nothing pending.
@@ -334,21 +277,7 @@ pub fn pending_of(conn: &mut Connection, stream: &str, group: &str, consumer: &s
         .unwrap_or(0)
 }
 
-/// `XINFO GROUPS stream` (empty when the stream does not exist).
-pub fn groups(conn: &mut Connection, stream: &str) -> Vec<StreamInfoGroup> {
-    let reply: redis::RedisResult<StreamInfoGroupsReply> =
-        redis::cmd("XINFO").arg("GROUPS").arg(stream).query(conn);
-    match reply {
-        Ok(r) => r.groups,
-        Err(e) if e.to_string().contains("no such key") => Vec::new(),
-        Err(e) => panic!("XINFO GROUPS {stream}: {e}"),
-    }
-}
-
-/// The group, if it exists.
-pub fn group(conn: &mut Connection, stream: &str, name: &str) -> Option<StreamInfoGroup> {
-    groups(conn, stream).into_iter().find(|g| g.name == name)
-}
+pub use testkit::stream::{group, groups};
 
 /// Entries of `stream` after the group's last-delivered ID: never
 /// delivered to it. Counted by reading them (unlike `XINFO`'s `lag`, this
@@ -361,7 +290,7 @@ pub fn unread(conn: &mut Connection, stream: &str, group_name: &str) -> Option<u
         .arg("+")
         .query(conn)
         .unwrap_or_else(|e| panic!("XRANGE {stream}: {e}"));
-    Some(parse_entries(&reply).len())
+    Some(testkit::stream::parse_entries(&reply).len())
 }
 
 /// Whether the group exists and has neither pending nor unread entries.

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::raw;
+
 /// The timeout of every call made by [`request`].
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -171,55 +173,38 @@ fn preview(raw: &[u8]) -> String {
     s
 }
 
+/// Parses what [`raw_request`] read: the head with [`crate::raw::read_head`],
+/// a chunked body with [`crate::raw::read_chunked`], any other body as
+/// everything after the head (what the connection carried, whatever
+/// `Content-Length` says).
 fn parse_raw(what: String, answer: &[u8], elapsed: Duration) -> Result<Response, String> {
-    let text = String::from_utf8_lossy(answer);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("{what}: no end of headers in {text:?}"))?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("{what}: bad status line {status_line:?}"))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let chunked = headers
-        .iter()
-        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
-    let body = if chunked {
-        dechunk(body)
+    let mut reader = answer;
+    let mut line = String::new();
+    let mut headers: Vec<(String, String)> = Vec::new();
+    let head = raw::read_head(&mut reader, &mut line, |k, v| {
+        headers.push((k.trim().to_ascii_lowercase(), v.to_string()))
+    })
+    .map_err(|e| format!("{what}: {e} in {:?}", String::from_utf8_lossy(answer)))?;
+    let body = if head.chunked {
+        let mut body = Vec::new();
+        raw::read_chunked(&mut reader, &mut line, &mut body).map_err(|e| {
+            format!(
+                "{what}: chunked body: {e} in {:?}",
+                String::from_utf8_lossy(answer)
+            )
+        })?;
+        String::from_utf8_lossy(&body).into_owned()
     } else {
-        body.to_string()
+        String::from_utf8_lossy(reader).into_owned()
     };
     Ok(Response {
         request: what,
-        status,
+        status: head.status,
         headers,
         json: serde_json::from_str(&body).ok(),
         body,
         elapsed,
     })
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let size =
-            usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
-        let (Some(chunk), Some(after)) = (rest.get(..size), rest.get(size..)) else {
-            break;
-        };
-        if size == 0 {
-            break;
-        }
-        out.push_str(chunk);
-        s = after.trim_start_matches("\r\n");
-    }
-    out
 }
 
 /// `/order?userId=..&productId=..&price=..`, each value percent-encoded

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use redis::streams::{StreamInfoGroup, StreamInfoGroupsReply, StreamRangeReply};
+use redis::streams::{StreamInfoGroup, StreamRangeReply};
 
-use super::{free_port, indent, read_lossy, wait_for, TempDir};
+use crate::{free_port, indent, read_lossy, stream, wait_for, TempDir};
 
 /// How long a start may take until `PING` answers.
 const START_DEADLINE: Duration = Duration::from_secs(10);
@@ -228,15 +228,7 @@ impl RedisServer {
 
     /// `XINFO GROUPS stream`; empty when the stream does not exist.
     pub fn groups(&self, stream: &str) -> Vec<StreamInfoGroup> {
-        let reply: redis::RedisResult<StreamInfoGroupsReply> = redis::cmd("XINFO")
-            .arg("GROUPS")
-            .arg(stream)
-            .query(&mut self.conn());
-        match reply {
-            Ok(r) => r.groups,
-            Err(e) if e.to_string().contains("no such key") => Vec::new(),
-            Err(e) => self.fail(&format!("XINFO GROUPS {stream}: {e}")),
-        }
+        stream::try_groups(&mut self.conn(), stream).unwrap_or_else(|e| self.fail(&e))
     }
 
     /// The group `name` of `stream`, if it exists.
@@ -431,6 +423,8 @@ impl Drop for RedisServer {
     }
 }
 
+// The fields are read only through `Debug`, in the failure message.
+#[allow(dead_code)]
 #[derive(Debug)]
 enum Failure {
     Spawn(String),
