@@ -39,6 +39,7 @@ mod lease;
 pub mod logger;
 pub mod metrics;
 pub mod notify;
+pub mod ops;
 pub mod producer;
 pub mod record;
 pub mod sentinel;

@@ -285,7 +285,7 @@ impl HandlerThread {
                         sub.stream,
                         sub.group
                     );
-                    let _ = self.link.run(topology::ensure_groups);
+                    let _ = self.link.run(|c| sub.ensure_groups(c));
                     return Vec::new();
                 }
                 Err(e) => {

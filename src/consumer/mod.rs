@@ -45,6 +45,10 @@
 mod handler;
 mod reader;
 pub(crate) mod reply;
+mod service;
+
+pub use crate::record::Fields;
+pub use service::{run, run_until, Consumer};
 
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -58,7 +62,6 @@ use redis::{Connection, RedisError};
 use crate::config::Config;
 use crate::connection::{Link, Redis, WaitFor, COMMAND_TIMEOUT};
 use crate::notify::{Heartbeat, Heartbeats};
-use crate::record::Fields;
 use crate::topology;
 
 use handler::HandlerThread;
@@ -71,6 +74,15 @@ pub struct Subscription {
     pub stream: &'static str,
     /// The group.
     pub group: &'static str,
+}
+
+impl Subscription {
+    /// Creates the topology's groups and this subscription's own (which may
+    /// be outside the topology: a shipping-service's group), at ID `0`.
+    fn ensure_groups(self, conn: &mut Connection) -> Result<(), RedisError> {
+        topology::ensure_groups(conn)?;
+        topology::ensure_group(conn, self.stream, self.group)
+    }
 }
 
 /// One entry delivered to this consumer.

@@ -90,7 +90,8 @@ impl Reader {
                 self.sub.stream,
                 self.sub.group
             );
-            if let Err(e) = self.link.run(topology::ensure_groups) {
+            let sub = self.sub;
+            if let Err(e) = self.link.run(|c| sub.ensure_groups(c)) {
                 log::warn!("cannot recreate the groups: {e}");
             }
         } else if crate::connection::is_transient(e) {

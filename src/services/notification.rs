@@ -21,9 +21,11 @@ use crossbeam_channel::Receiver;
 use redis::{Connection, RedisError};
 use serde_json::{json, Value as Json};
 
-use super::{run_consumer, Consumer, ServiceError};
+use super::ServiceError;
 use crate::config::Config;
-use crate::consumer::{Delivery, Failure, Handler, Outcome, Progress, Subscription};
+use crate::consumer::{
+    run_until, Consumer, Delivery, Failure, Handler, Outcome, Progress, Subscription,
+};
 use crate::record::{Order, Payment};
 use crate::topology::{NOTIFICATION_GROUP, ORDER_EVENTS, PAYMENT_EVENTS};
 
@@ -139,5 +141,5 @@ pub fn run(config: &Config, shutdown: Receiver<()>) -> Result<(), ServiceError> 
         trims: None,
         doing: "notifying",
     };
-    run_consumer(config, shutdown, consumer)
+    run_until(config, shutdown, consumer)
 }
