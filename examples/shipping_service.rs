@@ -87,14 +87,7 @@ impl Handler for Shipping {
     ) -> Result<Vec<Outcome>, RedisError> {
         // One carrier call at a time; none started once the batch's time is
         // up or the service is stopping (those stay pending, uncounted).
-        let mut outcomes = Vec::with_capacity(batch.len());
-        for (i, d) in batch.iter().enumerate() {
-            if !progress.may_start(i) {
-                break;
-            }
-            outcomes.push(self.ship(d));
-        }
-        Ok(outcomes)
+        Ok(progress.one_by_one(batch, |d| self.ship(d)))
     }
 }
 

@@ -1,4 +1,11 @@
-//! The consumer runtime shared by payment-service and notification-service.
+//! The consumer runtime: payment-service, notification-service and any
+//! consumer service of your own run on it (see [`run`] and the crate
+//! documentation).
+//!
+//! Files: this one holds the types a [`Handler`] meets and [`start`];
+//! `reader.rs` the readers, `handler.rs` the handler threads, `reply.rs`
+//! the decoding of Redis's replies, `service.rs` [`run`] and
+//! [`run_until`], the whole service around the runtime.
 //!
 //! ```text
 //!  reader:order-events ──┐                       ┌─ handler-1 ─┐
@@ -208,6 +215,26 @@ impl Progress<'_> {
         }
         self.last_start.set(Some(now));
         i == 0 || now < self.deadline
+    }
+
+    /// Handles `batch` one delivery at a time with `handle`, asking
+    /// [`Progress::may_start`] before each: those not started once it says
+    /// no are [`Outcome::NotTried`]. What a handler that calls something
+    /// slow per delivery (a webhook, a carrier) returns.
+    pub fn one_by_one(
+        &self,
+        batch: &[Delivery],
+        mut handle: impl FnMut(&Delivery) -> Outcome,
+    ) -> Vec<Outcome> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for (i, d) in batch.iter().enumerate() {
+            if !self.may_start(i) {
+                break;
+            }
+            outcomes.push(handle(d));
+        }
+        outcomes.resize(batch.len(), Outcome::NotTried);
+        outcomes
     }
 }
 

@@ -109,15 +109,7 @@ impl Handler for Notifications {
     ) -> Result<Vec<Outcome>, RedisError> {
         // One webhook call at a time, reporting progress before each, and
         // none started once the batch's time is up or the service stops.
-        let mut outcomes = Vec::with_capacity(batch.len());
-        for (i, d) in batch.iter().enumerate() {
-            if !progress.may_start(i) {
-                break;
-            }
-            outcomes.push(self.notify(d));
-        }
-        outcomes.resize(batch.len(), Outcome::NotTried);
-        Ok(outcomes)
+        Ok(progress.one_by_one(batch, |d| self.notify(d)))
     }
 }
 
