@@ -6,7 +6,8 @@
 //! `Idempotency-Key: payment-events:<entry ID>` so a repeated call (a crash
 //! after the `POST`, before the acknowledgement) books nothing twice.
 //!
-//! All it writes is the [`Handler`]; [`consumer::run`] gives it the rest:
+//! All it writes is what to do with one payment ([`EachDelivery`], the
+//! simple form of `consumer::Handler`); [`consumer::run`] gives it the rest:
 //! own pending entries re-read at start, idle entries claimed, a carrier
 //! that keeps failing dead-lettered to `payment-events:dlq` after
 //! `MAX_DELIVERIES`, a malformed payment at once, a clean stop on SIGTERM,
@@ -20,9 +21,8 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use redis::{Connection, RedisError};
 use serde_json::json;
-use streamline::consumer::{self, Delivery, Failure, Handler, Outcome, Progress, Subscription};
+use streamline::consumer::{self, Delivery, EachDelivery, Failure, Outcome, Subscription};
 use streamline::record::Payment;
 use streamline::topology::PAYMENT_EVENTS;
 
@@ -78,16 +78,11 @@ impl Shipping {
     }
 }
 
-impl Handler for Shipping {
-    fn handle(
-        &self,
-        _conn: &mut Connection,
-        batch: &[Delivery],
-        progress: &Progress<'_>,
-    ) -> Result<Vec<Outcome>, RedisError> {
-        // One carrier call at a time; none started once the batch's time is
-        // up or the service is stopping (those stay pending, uncounted).
-        Ok(progress.one_by_one(batch, |d| self.ship(d)))
+// One carrier call at a time: the runtime starts none once the batch's time
+// is up or the service is stopping (those stay pending, uncounted).
+impl EachDelivery for Shipping {
+    fn handle_one(&self, delivery: &Delivery) -> Outcome {
+        self.ship(delivery)
     }
 }
 

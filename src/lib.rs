@@ -37,7 +37,9 @@
 //! a clean stop on SIGTERM with the work in hand acknowledged, metrics,
 //! `/healthz`, `/readyz` and `/metrics`, and systemd `READY=1` and watchdog
 //! notifications. It is configured like payment-service (see `--help`).
-//! `examples/shipping_service.rs` is a whole one; in short:
+//! A service that calls something per entry (a webhook, a carrier) can
+//! implement the simpler [`consumer::EachDelivery`] instead, as
+//! `examples/shipping_service.rs` does, a whole service. In short:
 //!
 //! ```no_run
 //! use redis::{Connection, RedisError};

@@ -169,6 +169,27 @@ pub trait Handler: Send + Sync + 'static {
     ) -> Result<Vec<Outcome>, RedisError>;
 }
 
+/// A [`Handler`] that handles one delivery at a time, without Redis: it
+/// calls something per entry (a webhook, a carrier). Implementing this
+/// instead of [`Handler`] gets the batch's budget and the stop grace kept
+/// for it: deliveries are started while [`Progress::may_start`] says so,
+/// the rest are [`Outcome::NotTried`] (see [`Progress::one_by_one`]).
+pub trait EachDelivery: Send + Sync + 'static {
+    /// Handles one delivery; [`Outcome::Done`] has it acknowledged.
+    fn handle_one(&self, delivery: &Delivery) -> Outcome;
+}
+
+impl<T: EachDelivery> Handler for T {
+    fn handle(
+        &self,
+        _conn: &mut Connection,
+        batch: &[Delivery],
+        progress: &Progress<'_>,
+    ) -> Result<Vec<Outcome>, RedisError> {
+        Ok(progress.one_by_one(batch, |d| self.handle_one(d)))
+    }
+}
+
 /// Longest a handler thread keeps starting deliveries once shutdown has
 /// begun; what is left stays pending for the next start.
 pub const STOP_GRACE: Duration = Duration::from_secs(2);

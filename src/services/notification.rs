@@ -18,13 +18,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::Receiver;
-use redis::{Connection, RedisError};
 use serde_json::{json, Value as Json};
 
 use super::ServiceError;
 use crate::config::Config;
 use crate::consumer::{
-    run_until, Consumer, Delivery, Failure, Handler, Outcome, Progress, Subscription,
+    run_until, Consumer, Delivery, EachDelivery, Failure, Outcome, Subscription,
 };
 use crate::record::{Order, Payment};
 use crate::topology::{NOTIFICATION_GROUP, ORDER_EVENTS, PAYMENT_EVENTS};
@@ -100,16 +99,11 @@ fn post(agent: &ureq::Agent, url: &str, key: &str, body: &Json) -> Outcome {
     }
 }
 
-impl Handler for Notifications {
-    fn handle(
-        &self,
-        _conn: &mut Connection,
-        batch: &[Delivery],
-        progress: &Progress<'_>,
-    ) -> Result<Vec<Outcome>, RedisError> {
-        // One webhook call at a time, reporting progress before each, and
-        // none started once the batch's time is up or the service stops.
-        Ok(progress.one_by_one(batch, |d| self.notify(d)))
+// One webhook call at a time, reporting progress before each, and none
+// started once the batch's time is up or the service stops.
+impl EachDelivery for Notifications {
+    fn handle_one(&self, delivery: &Delivery) -> Outcome {
+        self.notify(delivery)
     }
 }
 
