@@ -7,11 +7,30 @@
 
 use std::process::ExitCode;
 
-use crate::config::{self, Command, Service};
+use crossbeam_channel::Receiver;
+
+use crate::config::{self, Command, Config, Service};
+use crate::ops::ServiceError;
 use crate::services;
 
-/// Runs `service` as a program and returns its exit status.
+/// Runs built-in `service` as a program and returns its exit status.
 pub fn main(service: Service) -> ExitCode {
+    program(service, |config, shutdown| match service {
+        Service::Order => services::order::run(config, shutdown),
+        Service::Payment => services::payment::run(config, shutdown),
+        Service::Notification => services::notification::run(config, shutdown),
+        Service::Consumer(name) => Err(ServiceError::NotBuiltIn(name)),
+    })
+}
+
+/// Runs `service` as a program: its configuration from the command line
+/// and the environment (`--help`, `--version`), logging, SIGTERM/SIGINT as
+/// the shutdown channel given to `run`, and `run`'s result as the exit
+/// status.
+pub fn program(
+    service: Service,
+    run: impl FnOnce(&Config, Receiver<()>) -> Result<(), ServiceError>,
+) -> ExitCode {
     let config = match config::from_process(service) {
         Ok(Command::Run(c)) => c,
         Ok(Command::Help(text)) => {
@@ -35,12 +54,7 @@ pub fn main(service: Service) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = match service {
-        Service::Order => services::order::run(&config, shutdown),
-        Service::Payment => services::payment::run(&config, shutdown),
-        Service::Notification => services::notification::run(&config, shutdown),
-    };
-    match result {
+    match run(&config, shutdown) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e}");

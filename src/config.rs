@@ -23,6 +23,10 @@ pub enum Service {
     Payment,
     /// Notifies about each order and each payment.
     Notification,
+    /// A consumer service of your own, built on [`crate::consumer::run`]
+    /// (see `examples/shipping_service.rs`), by its name. It reads the
+    /// settings payment-service and notification-service share.
+    Consumer(&'static str),
 }
 
 impl Service {
@@ -32,6 +36,19 @@ impl Service {
             Service::Order => "order-service",
             Service::Payment => "payment-service",
             Service::Notification => "notification-service",
+            Service::Consumer(name) => name,
+        }
+    }
+
+    /// Whether this service reads `setting`.
+    fn reads(self, setting: &Setting) -> bool {
+        match self {
+            // What every consumer of the runtime reads.
+            Service::Consumer(_) => {
+                setting.services.contains(&Service::Payment)
+                    && setting.services.contains(&Service::Notification)
+            }
+            _ => setting.services.contains(&self),
         }
     }
 
@@ -40,6 +57,7 @@ impl Service {
             Service::Order => "127.0.0.1:8080",
             Service::Payment => "127.0.0.1:8081",
             Service::Notification => "127.0.0.1:8082",
+            Service::Consumer(_) => "127.0.0.1:8083",
         }
     }
 }
@@ -223,7 +241,7 @@ pub fn parse(
         let var = name.replace('-', "_").to_ascii_uppercase();
         let setting = SETTINGS
             .iter()
-            .find(|s| s.var == var && s.services.contains(&service))
+            .find(|s| s.var == var && service.reads(s))
             .ok_or_else(|| ConfigError::UnknownFlag(format!("--{name}")))?;
         raw.flags.push((setting.var, value));
     }
@@ -454,7 +472,7 @@ pub fn help(service: Service) -> String {
         .max()
         .unwrap_or(20)
         .max(20);
-    for s in SETTINGS.iter().filter(|s| s.services.contains(&service)) {
+    for s in SETTINGS.iter().filter(|s| service.reads(s)) {
         let default = match (s.var, s.default) {
             ("HTTP_ADDR", _) => service.default_http_addr().to_string(),
             (_, Some("")) => "computed".into(),

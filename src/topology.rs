@@ -108,19 +108,27 @@ pub fn dlq_index(stream: &str) -> String {
 pub fn ensure_groups(conn: &mut Connection) -> Result<(), RedisError> {
     for spec in TOPOLOGY {
         for group in spec.groups {
-            let created: Result<(), RedisError> = redis::cmd("XGROUP")
-                .arg("CREATE")
-                .arg(spec.stream)
-                .arg(*group)
-                .arg("0")
-                .arg("MKSTREAM")
-                .query(conn);
-            match created {
-                Ok(()) => log::info!("created group {group} on {} at 0", spec.stream),
-                Err(e) if e.code() == Some("BUSYGROUP") => {}
-                Err(e) => return Err(e),
-            }
+            ensure_group(conn, spec.stream, group)?;
         }
+    }
+    Ok(())
+}
+
+/// Creates `group` on `stream` (and the stream) at ID `0` unless it exists:
+/// what [`ensure_groups`] does for each group of the topology, and the
+/// consumer runtime for a group of its own outside it (a shipping-service).
+pub fn ensure_group(conn: &mut Connection, stream: &str, group: &str) -> Result<(), RedisError> {
+    let created: Result<(), RedisError> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query(conn);
+    match created {
+        Ok(()) => log::info!("created group {group} on {stream} at 0"),
+        Err(e) if e.code() == Some("BUSYGROUP") => {}
+        Err(e) => return Err(e),
     }
     Ok(())
 }

@@ -18,12 +18,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::Receiver;
-use redis::{Connection, RedisError};
 use serde_json::{json, Value as Json};
 
-use super::{run_consumer, Consumer, ServiceError};
+use super::ServiceError;
 use crate::config::Config;
-use crate::consumer::{Delivery, Failure, Handler, Outcome, Progress, Subscription};
+use crate::consumer::{
+    run_until, Consumer, Delivery, EachDelivery, Failure, Outcome, Subscription,
+};
 use crate::record::{Order, Payment};
 use crate::topology::{NOTIFICATION_GROUP, ORDER_EVENTS, PAYMENT_EVENTS};
 
@@ -98,24 +99,11 @@ fn post(agent: &ureq::Agent, url: &str, key: &str, body: &Json) -> Outcome {
     }
 }
 
-impl Handler for Notifications {
-    fn handle(
-        &self,
-        _conn: &mut Connection,
-        batch: &[Delivery],
-        progress: &Progress<'_>,
-    ) -> Result<Vec<Outcome>, RedisError> {
-        // One webhook call at a time, reporting progress before each, and
-        // none started once the batch's time is up or the service stops.
-        let mut outcomes = Vec::with_capacity(batch.len());
-        for (i, d) in batch.iter().enumerate() {
-            if !progress.may_start(i) {
-                break;
-            }
-            outcomes.push(self.notify(d));
-        }
-        outcomes.resize(batch.len(), Outcome::NotTried);
-        Ok(outcomes)
+// One webhook call at a time, reporting progress before each, and none
+// started once the batch's time is up or the service stops.
+impl EachDelivery for Notifications {
+    fn handle_one(&self, delivery: &Delivery) -> Outcome {
+        self.notify(delivery)
     }
 }
 
@@ -139,5 +127,5 @@ pub fn run(config: &Config, shutdown: Receiver<()>) -> Result<(), ServiceError> 
         trims: None,
         doing: "notifying",
     };
-    run_consumer(config, shutdown, consumer)
+    run_until(config, shutdown, consumer)
 }

@@ -11,10 +11,10 @@ use crossbeam_channel::Receiver;
 use serde_json::Value as Json;
 use tiny_http::{Header, Method, Request};
 
-use super::{join_all, Probe, ServiceError};
 use crate::config::Config;
 use crate::connection::{Redis, WaitFor};
 use crate::http::{self, BodyError, HttpServer};
+use crate::ops::{join_all, Probe, ServiceError};
 use crate::producer::Producer;
 use crate::record::{FieldError, Order, Problem};
 use crate::{idempotency, notify, topology, trim};

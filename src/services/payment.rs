@@ -39,9 +39,11 @@ use std::sync::Arc;
 use crossbeam_channel::Receiver;
 use redis::{Connection, RedisError, Script, Value};
 
-use super::{run_consumer, Consumer, ServiceError};
+use super::ServiceError;
 use crate::config::Config;
-use crate::consumer::{Delivery, Failure, Handler, Outcome, Progress, Subscription};
+use crate::consumer::{
+    run_until, Consumer, Delivery, Failure, Handler, Outcome, Progress, Subscription,
+};
 use crate::record::Order;
 use crate::topology::{ORDER_EVENTS, PAYMENT_EVENTS, PAYMENT_GROUP};
 
@@ -169,5 +171,5 @@ pub fn run(config: &Config, shutdown: Receiver<()>) -> Result<(), ServiceError> 
         trims: Some(PAYMENT_EVENTS),
         doing: "paying orders",
     };
-    run_consumer(config, shutdown, consumer)
+    run_until(config, shutdown, consumer)
 }

@@ -56,3 +56,6 @@ mod idempotent_intake;
 
 // The lines the library's errors print stay word for word (issue 12.5).
 mod error_messages;
+
+// Issue 12: a fourth service on the public consumer API (the example).
+mod shipping_example;

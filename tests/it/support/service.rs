@@ -2,7 +2,8 @@
 //! with the binaries Cargo built for this test binary, found by name.
 
 use std::ops::{Deref, DerefMut};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use super::RedisServer;
@@ -21,11 +22,45 @@ pub fn bin(name: &str) -> PathBuf {
         "payment-service" => option_env!("CARGO_BIN_EXE_payment-service"),
         "notification-service" => option_env!("CARGO_BIN_EXE_notification-service"),
         "streamctl" => option_env!("CARGO_BIN_EXE_streamctl"),
+        "shipping_service" => return example(name),
         other => panic!("unknown service binary {other:?}"),
     };
     PathBuf::from(
         path.unwrap_or_else(|| panic!("Cargo built no `{name}` binary for this test binary")),
     )
+}
+
+/// The path of one of the crate's examples, `target/<profile>/examples/<name>`
+/// next to this test binary's `deps/`. A plain `cargo test` builds the
+/// examples before the tests; `cargo test --test it` does not, so an example
+/// that is missing, or older than this test binary (which is rebuilt with
+/// the library), is built here with `cargo build --example`.
+fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test binary lives in target/<profile>/deps/");
+    let path = profile_dir.join("examples").join(name);
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if modified(&path).is_none() || modified(&path) < modified(&exe) {
+        let target_dir = profile_dir
+            .parent()
+            .expect("target/ above target/<profile>/");
+        let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        cargo
+            .args(["build", "--example", name, "--target-dir"])
+            .arg(target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile_dir.file_name().is_some_and(|p| p == "release") {
+            cargo.arg("--release");
+        }
+        let status = cargo
+            .status()
+            .unwrap_or_else(|e| panic!("run cargo build --example {name}: {e}"));
+        assert!(status.success(), "cargo build --example {name}: {status}");
+    }
+    path
 }
 
 /// A running (or stopped) service: a [`testkit::Service`] (every method is
