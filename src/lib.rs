@@ -77,9 +77,10 @@
 //! ```
 //!
 //! A group outside the topology, as `shipping-service-group`, is created at
-//! ID `0` by the service itself. It is not one of the topology's groups, so
-//! payment-service's trimming does not wait for it: keep `RETAIN_ENTRIES`
-//! well above what it may lag behind, or add it to [`topology::TOPOLOGY`].
+//! ID `0` by the service itself. Trimming waits for it like for any group
+//! on the stream: nothing it has not acknowledged is removed (a group that
+//! stops reading holds trimming back, which is logged and exported as
+//! `trim_held_back_entries`).
 //!
 //! The documented API is [`consumer`], [`config::Config`], [`topology`]
 //! (the names of the wire contract), [`record`] (its entries), [`shutdown`]

@@ -1,9 +1,11 @@
-//! Safe trimming: keep streams bounded without removing anything a group of
-//! the topology has not acknowledged.
+//! Safe trimming: keep streams bounded without removing anything a group
+//! reading the stream has not acknowledged: the topology's groups, and any
+//! other group on the stream (a service of one's own built on
+//! [`crate::consumer::run`], an audit group made with `XGROUP CREATE`).
 //!
 //! Redis 7.0 has no `XTRIM ... ACKED`, so the bound is computed, inside one
 //! Lua script so nothing changes between computing and trimming. For each
-//! group of the topology that reads the stream, the entries it no longer
+//! group that reads the stream, the entries it no longer
 //! needs are those before both its last-delivered ID (entries after it are
 //! unread) and its oldest pending entry (delivered, not acknowledged). The
 //! stream is trimmed (`XTRIM MINID`) to the smallest of those bounds over
@@ -49,7 +51,8 @@ pub const CHUNK: u64 = 1000;
 /// KEYS[3] the stream the markers' orders are in, KEYS[4] the index of the
 /// stream's dead letters (a field per trimmed entry goes); ARGV[1] retain, ARGV[2]
 /// chunk, ARGV[3] dry run (1/0), ARGV[4] markers (1/0), ARGV[5..] the groups
-/// that must have acknowledged an entry.
+/// that must exist and have acknowledged an entry (every other group on the
+/// stream must have acknowledged it too).
 /// Returns {removed (or removable), bound ID or '', reason, holding group
 /// or '', entries beyond retain that stay}.
 const TRIM: &str = r#"
@@ -73,20 +76,26 @@ if len <= retain then return {0, '', 'within RETAIN_ENTRIES', '', 0} end
 local infos = redis.call('XINFO', 'GROUPS', KEYS[1])
 local bound = nil
 local holder = ''
-for i = 5, #ARGV do
-  local info = nil
-  for _, g in ipairs(infos) do
-    local f = {}
-    for j = 1, #g, 2 do f[g[j]] = g[j + 1] end
-    if f['name'] == ARGV[i] then info = f end
-  end
-  if info == nil then return {0, '', 'group ' .. ARGV[i] .. ' missing', ARGV[i], len - retain} end
+-- The topology's groups (they must exist), then every other group on the
+-- stream (a user's own consumer, an operator's audit group).
+local names, seen = {}, {}
+for i = 5, #ARGV do names[#names + 1] = ARGV[i]; seen[ARGV[i]] = true end
+local by_name = {}
+for _, g in ipairs(infos) do
+  local f = {}
+  for j = 1, #g, 2 do f[g[j]] = g[j + 1] end
+  by_name[f['name']] = f
+  if not seen[f['name']] then names[#names + 1] = f['name']; seen[f['name']] = true end
+end
+for _, name in ipairs(names) do
+  local info = by_name[name]
+  if info == nil then return {0, '', 'group ' .. name .. ' missing', name, len - retain} end
   local b = info['last-delivered-id']
   if info['pending'] > 0 then
-    local summary = redis.call('XPENDING', KEYS[1], ARGV[i])
+    local summary = redis.call('XPENDING', KEYS[1], name)
     if summary[2] and less(summary[2], b) then b = summary[2] end
   end
-  if bound == nil or less(b, bound) then bound = b; holder = ARGV[i] end
+  if bound == nil or less(b, bound) then bound = b; holder = name end
 end
 if bound == nil then return {0, '', 'no groups', '', 0} end
 local n = math.min(len - retain, chunk)

@@ -59,3 +59,6 @@ mod error_messages;
 
 // Issue 12: a fourth service on the public consumer API (the example).
 mod shipping_example;
+
+// Trimming waits for every group on the stream, not only the topology's.
+mod trim_groups;
