@@ -11,17 +11,6 @@ use crossbeam_channel::Receiver;
 
 use crate::config::{self, Command, Config, Service};
 use crate::ops::ServiceError;
-use crate::services;
-
-/// Runs built-in `service` as a program and returns its exit status.
-pub fn main(service: Service) -> ExitCode {
-    program(service, |config, shutdown| match service {
-        Service::Order => services::order::run(config, shutdown),
-        Service::Payment => services::payment::run(config, shutdown),
-        Service::Notification => services::notification::run(config, shutdown),
-        Service::Consumer(name) => Err(ServiceError::NotBuiltIn(name)),
-    })
-}
 
 /// Runs `service` as a program: its configuration from the command line
 /// and the environment (`--help`, `--version`), logging, SIGTERM/SIGINT as

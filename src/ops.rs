@@ -24,9 +24,6 @@ pub enum ServiceError {
     /// A thread could not be started.
     #[error("cannot start a thread: {0}")]
     Spawn(#[from] std::io::Error),
-    /// `cli::main` was asked for a service it has no handler for.
-    #[error("{0} is not a built-in service; run it with streamline::consumer::run")]
-    NotBuiltIn(&'static str),
 }
 
 /// Why a service is not ready; `Display` is the `error` of its `503`

@@ -1,4 +1,9 @@
 //! order-service: see the crate documentation and `--help`.
 fn main() -> std::process::ExitCode {
-    streamline::cli::main(streamline::config::Service::Order)
+    // The service's own run function, not a dispatch on the service: each
+    // binary then links only its own service's code.
+    streamline::cli::program(
+        streamline::config::Service::Order,
+        streamline::services::order::run,
+    )
 }
