@@ -135,14 +135,7 @@ fn claiming_reaches_the_tail_of_a_long_pending_list() {
     const LEFT: usize = 20;
     let redis = RedisServer::start();
     let mut conn = redis.conn();
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(ORDER_EVENTS)
-        .arg(NOTIFICATION_GROUP)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query(&mut conn)
-        .expect("XGROUP CREATE");
+    create_notification_group(&mut conn);
     let busy = xadd_orders_range(&mut conn, "busy", 0..BUSY);
     read_as(&mut conn, "live-instance", BUSY);
     // The live consumer is working through its entries: each was touched
@@ -241,14 +234,7 @@ fn a_restart_notifies_each_of_its_own_pending_entries_once() {
     const HELD: usize = 600;
     let redis = RedisServer::start();
     let mut conn = redis.conn();
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(ORDER_EVENTS)
-        .arg(NOTIFICATION_GROUP)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query(&mut conn)
-        .expect("XGROUP CREATE");
+    create_notification_group(&mut conn);
     let held = xadd_orders_range(&mut conn, "held", 0..HELD);
     read_as(&mut conn, "restarted", HELD);
     std::thread::sleep(Duration::from_millis(600));
@@ -281,4 +267,17 @@ fn a_restart_notifies_each_of_its_own_pending_entries_once() {
         summary.clone()
     });
     println!("{summary}");
+}
+
+/// `notification-service-group` on `order-events` (made with the stream),
+/// before any instance starts, so the test can read as a consumer first.
+fn create_notification_group(conn: &mut redis::Connection) {
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(ORDER_EVENTS)
+        .arg(NOTIFICATION_GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query(conn)
+        .expect("XGROUP CREATE");
 }

@@ -46,15 +46,7 @@ fn valid_price(s: &str) -> bool {
     digits(int, 12) && frac.is_none_or(|f| digits(f, 8))
 }
 
-/// The metadata of a dead letter, as the README's "Guarantees" names it.
-const README_META_FIELDS: [&str; 6] = [
-    "originalId",
-    "originalStream",
-    "group",
-    "consumer",
-    "error",
-    "deliveries",
-];
+use crate::support::flow::README_META_FIELDS;
 
 /// Whether an order of these fields is valid, by the rules above.
 fn valid_order(user: &str, product: &str, price: &str) -> bool {

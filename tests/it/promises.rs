@@ -175,13 +175,11 @@ fn after_flushall_order_service_alone_recreates_the_groups_before_writing() {
     }
 }
 
-/// "...and again when Redis answers `NOGROUP`": the group is destroyed
-/// while the stream stays (so only `NOGROUP` tells). payment-service
-/// recreates it and pays the orders written afterwards.
-#[test]
-fn a_destroyed_group_is_recreated_and_new_orders_are_paid() {
+/// payment-service pays 5 orders; then `payment-service-group` is destroyed
+/// (the stream stays, so only `NOGROUP` tells) and recreated by the service.
+fn five_paid_then_group_destroyed() -> (RedisServer, Service) {
     let redis = RedisServer::start();
-    let _payment = start_ready("payment-service", &redis, &env(&[]));
+    let payment = start_ready("payment-service", &redis, &env(&[]));
     let mut conn = redis.conn();
     xadd_orders(&mut conn, "before", 5);
     wait_until("the first orders paid", DEADLINE, || {
@@ -196,6 +194,16 @@ fn a_destroyed_group_is_recreated_and_new_orders_are_paid() {
     wait_until("payment-service-group exists again", DEADLINE, || {
         group(&mut conn, ORDER_EVENTS, PAYMENT_GROUP).is_some()
     });
+    (redis, payment)
+}
+
+/// "...and again when Redis answers `NOGROUP`": the group is destroyed
+/// while the stream stays (so only `NOGROUP` tells). payment-service
+/// recreates it and pays the orders written afterwards.
+#[test]
+fn a_destroyed_group_is_recreated_and_new_orders_are_paid() {
+    let (redis, _payment) = five_paid_then_group_destroyed();
+    let mut conn = redis.conn();
     let after = crate::support::flow::xadd_orders_range(&mut conn, "after", 0..5);
     wait_until("the orders after the destroy paid", DEADLINE, || {
         let payments = xrange(&mut conn, PAYMENT_EVENTS, "-", "+");
@@ -211,22 +219,8 @@ fn a_destroyed_group_is_recreated_and_new_orders_are_paid() {
 /// one payment per order.
 #[test]
 fn a_destroyed_group_does_not_pay_earlier_orders_again() {
-    let redis = RedisServer::start();
-    let _payment = start_ready("payment-service", &redis, &env(&[]));
+    let (redis, _payment) = five_paid_then_group_destroyed();
     let mut conn = redis.conn();
-    xadd_orders(&mut conn, "before", 5);
-    wait_until("the first orders paid", DEADLINE, || {
-        xlen(&mut conn, PAYMENT_EVENTS) == 5 && drained(&mut conn, ORDER_EVENTS, PAYMENT_GROUP)
-    });
-    let _: i64 = redis::cmd("XGROUP")
-        .arg("DESTROY")
-        .arg(ORDER_EVENTS)
-        .arg(PAYMENT_GROUP)
-        .query(&mut conn)
-        .expect("XGROUP DESTROY");
-    wait_until("payment-service-group exists again", DEADLINE, || {
-        group(&mut conn, ORDER_EVENTS, PAYMENT_GROUP).is_some()
-    });
     crate::support::flow::xadd_orders_range(&mut conn, "after", 0..5);
     wait_until("everything paid", DEADLINE, || {
         drained(&mut conn, ORDER_EVENTS, PAYMENT_GROUP) && xlen(&mut conn, PAYMENT_EVENTS) >= 10

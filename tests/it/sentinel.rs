@@ -146,11 +146,7 @@ fn a_killed_master_is_followed_and_no_acknowledged_order_is_lost() {
         .iter()
         .filter(|p| !p.ok() && p.sent >= calm_from)
         .collect();
-    let accepted: Vec<String> = placed
-        .iter()
-        .filter(|p| p.ok())
-        .filter_map(|p| p.order_id.clone())
-        .collect();
+    let accepted = accepted_ids(&placed);
     eprintln!(
         "failover: {} orders accepted, {} refused ({} of them sent more than 1 s after the recovery)",
         accepted.len(),
@@ -181,11 +177,7 @@ fn a_killed_master_is_followed_and_no_acknowledged_order_is_lost() {
     );
     let orders = xrange(&mut conn, ORDER_EVENTS, "-", "+");
     let payments = xrange(&mut conn, PAYMENT_EVENTS, "-", "+");
-    let on_master: std::collections::HashSet<&str> = orders.iter().map(|o| o.id.as_str()).collect();
-    let lost: Vec<&String> = accepted
-        .iter()
-        .filter(|id| !on_master.contains(id.as_str()))
-        .collect();
+    let lost = missing_from(&accepted, &orders);
     eprintln!(
         "failover with REDIS_WAIT_REPLICAS=1: {} accepted orders lost, {} orders and {} payments on the new master",
         lost.len(),
@@ -269,15 +261,8 @@ fn manual_failover_under_load(wait_replicas: &str) -> Switched {
         "{ledger}\n{}",
         describe_groups(&mut conn)
     );
-    let on_master: std::collections::HashSet<&str> = orders.iter().map(|o| o.id.as_str()).collect();
-    let accepted: Vec<&str> = placed
-        .iter()
-        .filter_map(|p| p.order_id.as_deref().filter(|_| p.ok()))
-        .collect();
-    let lost = accepted
-        .iter()
-        .filter(|id| !on_master.contains(*id))
-        .count();
+    let accepted = accepted_ids(&placed);
+    let lost = missing_from(&accepted, &orders).len();
     if lost > 0 {
         eprintln!("--- order-service log ---\n{}", order.log());
         setup.dump_logs();
@@ -363,16 +348,8 @@ fn measure_what_a_crash_with_lagging_replicas_loses() {
         let placed = load.stop();
         let mut conn = setup.node(second).conn();
         let orders = xrange(&mut conn, ORDER_EVENTS, "-", "+");
-        let on_master: std::collections::HashSet<&str> =
-            orders.iter().map(|o| o.id.as_str()).collect();
-        let accepted: Vec<&str> = placed
-            .iter()
-            .filter_map(|p| p.order_id.as_deref().filter(|_| p.ok()))
-            .collect();
-        let lost = accepted
-            .iter()
-            .filter(|id| !on_master.contains(*id))
-            .count();
+        let accepted = accepted_ids(&placed);
+        let lost = missing_from(&accepted, &orders).len();
         eprintln!(
             "crash 500 ms after the replicas were cut off, REDIS_WAIT_REPLICAS={wait}: {} accepted, {} refused, {lost} accepted orders lost",
             accepted.len(),
@@ -505,4 +482,22 @@ fn a_wait_that_cannot_be_satisfied_is_a_quick_503_and_holds_acknowledgements() {
     });
     assert_eq!(flow::xlen(&mut conn, flow::ORDER_DLQ), 0);
     drop(notification);
+}
+
+/// The order IDs answered 2xx.
+fn accepted_ids(placed: &[flow::Placed]) -> Vec<&str> {
+    placed
+        .iter()
+        .filter_map(|p| p.order_id.as_deref().filter(|_| p.ok()))
+        .collect()
+}
+
+/// Those of `accepted` that are not among `orders` (lost in a failover).
+fn missing_from<'a>(accepted: &[&'a str], orders: &[flow::RawEntry]) -> Vec<&'a str> {
+    let on_master: std::collections::HashSet<&str> = orders.iter().map(|o| o.id.as_str()).collect();
+    accepted
+        .iter()
+        .copied()
+        .filter(|id| !on_master.contains(id))
+        .collect()
 }

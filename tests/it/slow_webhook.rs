@@ -165,19 +165,7 @@ fn a_slow_webhook_receiver_neither_starves_the_watchdog_nor_delays_a_stop() {
     notification.restart();
     let orders = xrange(&mut conn, ORDER_EVENTS, "-", "+");
     assert_eq!(orders.len(), ids.len());
-    let start = Instant::now();
-    while !Notified::check(&sink.accepted(), &orders, &[])
-        .missing
-        .is_empty()
-    {
-        notification.check(start.elapsed() < DEADLINE, || {
-            format!(
-                "not every order notified after the restart: {}",
-                Notified::check(&sink.accepted(), &orders, &[])
-            )
-        });
-        systemd.receive();
-    }
+    wait_all_notified(&notification, &sink, &orders, || systemd.receive());
     let notified = Notified::check(&sink.accepted(), &orders, &[]);
     if !notified.complete() {
         problems.push(format!("{notified}"));
@@ -234,19 +222,9 @@ fn entries_queued_behind_a_slow_receiver_are_not_claimed_by_another_instance() {
     second.wait_ready();
     let orders = xrange(&mut conn, ORDER_EVENTS, "-", "+");
     assert_eq!(orders.len(), ids.len());
-    let start = Instant::now();
-    while !Notified::check(&sink.accepted(), &orders, &[])
-        .missing
-        .is_empty()
-    {
-        first.check(start.elapsed() < DEADLINE, || {
-            format!(
-                "not every order notified: {}",
-                Notified::check(&sink.accepted(), &orders, &[])
-            )
-        });
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_all_notified(&first, &sink, &orders, || {
+        std::thread::sleep(Duration::from_millis(50))
+    });
     let notified = Notified::check(&sink.accepted(), &orders, &[]);
     println!(
         "orders={ORDERS} claim_idle={CLAIM_IDLE}ms receiver_delay=300ms calls={} {notified}",
@@ -270,5 +248,27 @@ fn pending_of(conn: &mut redis::Connection) -> usize {
             _ => 0,
         },
         _ => 0,
+    }
+}
+
+/// Waits until `sink` accepted a notification of every one of `orders`,
+/// doing `between` between looks; fails with `svc`'s log after the
+/// deadline.
+fn wait_all_notified(
+    svc: &Service,
+    sink: &WebhookSink,
+    orders: &[crate::support::flow::RawEntry],
+    mut between: impl FnMut(),
+) {
+    let start = Instant::now();
+    loop {
+        let notified = Notified::check(&sink.accepted(), orders, &[]);
+        if notified.missing.is_empty() {
+            return;
+        }
+        svc.check(start.elapsed() < DEADLINE, || {
+            format!("not every order notified: {notified}")
+        });
+        between();
     }
 }

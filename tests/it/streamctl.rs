@@ -95,15 +95,7 @@ fn streamctl_env(env: &[(&str, &str)], args: &[&str]) -> Run {
     }
 }
 
-/// The metadata of a dead letter, as the README's "Guarantees" names it.
-const README_META_FIELDS: [&str; 6] = [
-    "originalId",
-    "originalStream",
-    "group",
-    "consumer",
-    "error",
-    "deliveries",
-];
+use crate::support::flow::README_META_FIELDS;
 
 // ---------------------------------------------------------------------------
 // Filling Redis by hand

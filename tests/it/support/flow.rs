@@ -827,3 +827,13 @@ fn write_lists(
     }
     Ok(())
 }
+
+/// The metadata of a dead letter, as the README's "Guarantees" names it.
+pub const README_META_FIELDS: [&str; 6] = [
+    "originalId",
+    "originalStream",
+    "group",
+    "consumer",
+    "error",
+    "deliveries",
+];
