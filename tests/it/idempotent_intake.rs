@@ -472,15 +472,7 @@ fn under_the_shipped_acl_only_order_service_writes_keys() {
     first_answer(&order, &order.get(&path), 200);
 
     let mut admin = redis.conn_as("admin").unwrap();
-    let log: Value = redis::cmd("ACL").arg("LOG").query(&mut admin).unwrap();
-    let refusals: Vec<String> = match &log {
-        Value::Array(entries) => entries
-            .iter()
-            .map(|e| format!("{e:?}"))
-            .filter(|e| !e.to_lowercase().contains("setinfo"))
-            .collect(),
-        _ => Vec::new(),
-    };
+    let refusals = crate::support::secure::acl_refusals(&mut admin);
     assert!(refusals.is_empty(), "refused:\n{}", refusals.join("\n"));
 
     let key = key_name("acl-key");

@@ -338,17 +338,7 @@ fn every_service_does_its_work_under_its_own_acl_user() {
         });
     }
 
-    let log: Value = redis::cmd("ACL").arg("LOG").query(&mut admin).unwrap();
-    let refusals: Vec<String> = match &log {
-        Value::Array(entries) => entries
-            .iter()
-            .map(|e| format!("{e:?}"))
-            // redis-rs sends CLIENT SETINFO on connect and ignores the
-            // answer; Redis 7.2+ logs the refusal. Not a service command.
-            .filter(|e| !e.to_lowercase().contains("setinfo"))
-            .collect(),
-        _ => Vec::new(),
-    };
+    let refusals = crate::support::secure::acl_refusals(&mut admin);
     assert!(
         refusals.is_empty(),
         "commands refused to the services:\n{}",

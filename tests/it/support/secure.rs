@@ -268,3 +268,18 @@ fn conn(url: &str) -> redis::RedisResult<redis::Connection> {
 pub fn eventually<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
     wait_for(what, Duration::from_secs(20), f)
 }
+
+/// What `ACL LOG` recorded as refused, one line per entry, leaving out
+/// `CLIENT SETINFO`: redis-rs sends it on connect and ignores the answer,
+/// and Redis 7.2+ logs the refusal; it is not a service command.
+pub fn acl_refusals(admin: &mut redis::Connection) -> Vec<String> {
+    let log: redis::Value = redis::cmd("ACL").arg("LOG").query(admin).expect("ACL LOG");
+    match &log {
+        redis::Value::Array(entries) => entries
+            .iter()
+            .map(|e| format!("{e:?}"))
+            .filter(|e| !e.to_lowercase().contains("setinfo"))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
