@@ -93,7 +93,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { var: "WEBHOOK_TIMEOUT_MS", default: Some("5000"), help: "timeout of one webhook delivery", services: NOTIFICATION },
     Setting { var: "REQUEST_TIMEOUT_MS", default: Some("2000"), help: "an order not written within this time is answered 503", services: ORDER },
     Setting { var: "IDEMPOTENCY_TTL_S", default: Some("86400"), help: "how long an Idempotency-Key is remembered (a retry within it is answered with the first order)", services: ORDER },
-    Setting { var: "HTTP_WORKERS", default: Some("4"), help: "threads answering HTTP requests (up to two also write order batches)", services: ORDER },
+    Setting { var: "HTTP_WORKERS", default: Some("4"), help: "threads answering HTTP requests (they send order batches; with TLS up to two also wait for Redis)", services: ORDER },
     Setting { var: "HANDLER_THREADS", default: Some("2"), help: "threads handling events", services: CONSUMERS },
     Setting { var: "BATCH_SIZE", default: Some("64"), help: "entries read (XREADGROUP COUNT) and handled per batch", services: CONSUMERS },
     Setting { var: "BLOCK_MS", default: Some("1000"), help: "longest XREADGROUP BLOCK; also bounds how long shutdown waits for a reader", services: CONSUMERS },

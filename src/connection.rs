@@ -63,6 +63,8 @@ pub enum ConnectError {
 #[derive(Clone)]
 pub struct Redis {
     target: Target,
+    /// Whether connections are TLS sessions (`rediss://`).
+    tls: bool,
 }
 
 #[derive(Clone)]
@@ -91,17 +93,26 @@ impl Redis {
             let parsed = sentinel::SentinelUrl::parse(url).map_err(ConnectError::Sentinel)?;
             // Fail now, not at the first failover, if the data nodes'
             // URL would not make a client.
-            client(&parsed.data_url("127.0.0.1", 6379), pem.as_deref())
+            let data = client(&parsed.data_url("127.0.0.1", 6379), pem.as_deref())
                 .map_err(ConnectError::Client)?;
+            let tls = is_tls(&data);
             let factory = move |u: &str| client(u, pem.as_deref());
             return Ok(Redis {
                 target: Target::Sentinel(Sentinels::new(parsed, Box::new(factory))),
+                tls,
             });
         }
         let client = client(url, pem.as_deref()).map_err(ConnectError::Client)?;
         Ok(Redis {
+            tls: is_tls(&client),
             target: Target::Direct(Box::new(client)),
         })
+    }
+
+    /// Whether connections are TLS sessions, which [`crate::wire`] cannot
+    /// split into halves.
+    pub fn is_tls(&self) -> bool {
+        self.tls
     }
 
     /// A new connection whose reads give up after `read_timeout`; connecting
@@ -123,6 +134,19 @@ impl Redis {
                 Ok((conn, 0))
             }
             Target::Sentinel(s) => s.connect(connect_timeout, read_timeout, COMMAND_TIMEOUT),
+        }
+    }
+
+    /// The address and credentials connections go to now (with sentinels:
+    /// the master's, asking them if needed), its generation, and whether
+    /// that address came from sentinels (so `ROLE` must be checked).
+    pub fn connection_info(&self) -> Result<(redis::ConnectionInfo, u64, bool), RedisError> {
+        match &self.target {
+            Target::Direct(client) => Ok((client.get_connection_info().clone(), 0, false)),
+            Target::Sentinel(s) => {
+                let (info, generation) = s.master_info()?;
+                Ok((info, generation, true))
+            }
         }
     }
 
@@ -159,6 +183,13 @@ impl Redis {
             s.watch();
         }
     }
+}
+
+fn is_tls(client: &Client) -> bool {
+    matches!(
+        client.get_connection_info().addr(),
+        redis::ConnectionAddr::TcpTls { .. }
+    )
 }
 
 /// A client for a `redis://` or `rediss://` URL, trusting `ca` (PEM).

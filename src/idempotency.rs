@@ -242,6 +242,41 @@ pub fn write_batch(
     call.invoke(conn)
 }
 
+/// Loads [`write_batch`]'s script (`SCRIPT LOAD`), for connections that
+/// send [`add_batch_eval`]'s `EVALSHA` without waiting for its reply.
+pub fn load_script(conn: &mut Connection) -> RedisResult<()> {
+    SCRIPT.load(conn).map(drop)
+}
+
+/// Adds [`write_batch`]'s script call to `pipe` as an `EVALSHA`, for a
+/// connection whose replies are read by another thread ([`crate::wire`]);
+/// that thread loads the script first ([`load_script`]) and again on
+/// `NOSCRIPT`. (Not `EVAL`: the shipped ACL lets order-service run only
+/// scripts it loaded, not any text.) One reply: the array [`write_batch`]
+/// returns.
+pub fn add_batch_eval(pipe: &mut redis::Pipeline, stream: &str, ttl_s: u64, items: &[Item<'_>]) {
+    let mut keys = vec![stream.to_string()];
+    let mut args: Vec<String> = vec![ttl_s.to_string()];
+    for item in items {
+        match item.key {
+            Some(key) => {
+                keys.push(key_name(stream, key));
+                args.push((keys.len()).to_string());
+            }
+            None => args.push("0".into()),
+        }
+        args.push(item.status.to_string());
+        args.push(item.order.user_id.clone());
+        args.push(item.order.product_id.clone());
+        args.push(item.order.price.clone());
+    }
+    pipe.cmd("EVALSHA")
+        .arg(SCRIPT.get_hash())
+        .arg(keys.len())
+        .arg(&keys)
+        .arg(&args);
+}
+
 /// What became of one order of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {

@@ -115,6 +115,8 @@ pub mod sentinel;
 pub mod trim;
 #[doc(hidden)]
 pub mod value;
+#[doc(hidden)]
+pub mod wire;
 
 mod lease;
 mod logger;

@@ -402,6 +402,17 @@ impl Sentinels {
         }
     }
 
+    /// The master's address and credentials, and its generation, for a
+    /// connection opened by other means ([`crate::wire`]); its `ROLE` is
+    /// the caller's to check.
+    pub fn master_info(&self) -> Result<(redis::ConnectionInfo, u64), RedisError> {
+        let master = self.master()?;
+        Ok((
+            master.client.get_connection_info().clone(),
+            master.generation,
+        ))
+    }
+
     /// Forgets the master of `generation` (its connection failed, or it
     /// answered `READONLY`): the next connection asks the sentinels again.
     ///

@@ -27,9 +27,14 @@ pub fn run(config: &Config, shutdown: Receiver<()>) -> Result<(), ServiceError> 
     log::info!("order-service listening on http://{}", server.addr());
     let probe = Probe::new(&redis);
     let beats = notify::Heartbeats::new();
-    let producer = Producer::new(&redis, 2, config.request_timeout)
-        .with_wait(WaitFor::from_config(config))
-        .with_idempotency_ttl(config.idempotency_ttl_s);
+    let producer = Producer::new(
+        &redis,
+        2,
+        config.request_timeout,
+        WaitFor::from_config(config),
+        config.idempotency_ttl_s,
+        &beats,
+    )?;
 
     // Orders are answered 503 until the groups exist; every connection that
     // writes orders creates them too when it connects, so this only decides
@@ -37,7 +42,7 @@ pub fn run(config: &Config, shutdown: Receiver<()>) -> Result<(), ServiceError> 
     let mut threads = spawn_http(
         &server,
         &probe,
-        producer,
+        producer.clone(),
         config.http_workers,
         &shutdown,
         &beats,
@@ -60,6 +65,7 @@ pub fn run(config: &Config, shutdown: Receiver<()>) -> Result<(), ServiceError> 
     notify::stopping();
     log::info!("stopping: answering the orders in flight");
     join_all(threads);
+    producer.finish(config.request_timeout);
     join_all(watchdog.into_iter().collect());
     log::info!("stopped");
     Ok(())
