@@ -84,6 +84,18 @@ pub(super) struct HandlerThread {
     pub(super) carry: VecDeque<Delivery>,
     /// Once shutdown has begun: when to stop starting deliveries.
     pub(super) stop_by: Option<Instant>,
+    /// Acknowledgements of the turn's batches, sent together (one round
+    /// trip for a turn holding entries of several streams).
+    pub(super) acks: Vec<Acks>,
+}
+
+/// What one subscription's batch leaves to acknowledge.
+pub(super) struct Acks {
+    sub: Subscription,
+    /// Entries done: `XACK`.
+    done: Vec<String>,
+    /// Entries whose failure count goes (`HDEL`).
+    forget: Vec<String>,
 }
 
 impl HandlerThread {
@@ -114,12 +126,18 @@ impl HandlerThread {
                 self.let_go(&batch);
                 continue;
             }
-            // Group by subscription, keeping arrival order within each.
+            // Group by subscription, keeping arrival order within each;
+            // acknowledge all of them in one round trip, then let go.
+            let mut handled = Vec::new();
             while !batch.is_empty() {
                 let sub = batch[0].sub;
                 let (mine, rest): (Vec<_>, Vec<_>) = batch.into_iter().partition(|d| d.sub == sub);
                 batch = rest;
-                self.process(mine);
+                handled.push(self.process(mine));
+            }
+            self.acknowledge();
+            for (batch, not_tried) in handled {
+                self.finish(batch, &not_tried);
             }
         }
         log::debug!(
@@ -152,12 +170,57 @@ impl HandlerThread {
         }
     }
 
-    fn process(&mut self, batch: Vec<Delivery>) {
+    /// Handles one subscription's batch; its acknowledgements wait in
+    /// `acks`. Returns the batch and the positions of deliveries not tried.
+    fn process(&mut self, batch: Vec<Delivery>) -> (Vec<Delivery>, Vec<usize>) {
         let batch = self.skip_redrives_for_others(batch);
         if batch.is_empty() {
-            return;
+            return (batch, Vec::new());
         }
         let not_tried = self.handle(&batch);
+        (batch, not_tried)
+    }
+
+    /// Sends the turn's acknowledgements, in one round trip.
+    fn acknowledge(&mut self) {
+        let acks = std::mem::take(&mut self.acks);
+        if acks.is_empty() {
+            return;
+        }
+        let result = self.run_idempotent(|c| {
+            let mut pipe = redis::pipe();
+            for a in &acks {
+                let failures = topology::failures_key(a.sub.stream, a.sub.group);
+                if !a.done.is_empty() {
+                    pipe.cmd("XACK")
+                        .arg(a.sub.stream)
+                        .arg(a.sub.group)
+                        .arg(&a.done)
+                        .ignore();
+                }
+                if !a.forget.is_empty() {
+                    pipe.cmd("HDEL").arg(failures).arg(&a.forget).ignore();
+                }
+            }
+            pipe.query::<()>(c)
+        });
+        for a in acks {
+            let (stream, group, n) = (a.sub.stream, a.sub.group, a.done.len() as u64);
+            match &result {
+                Ok(()) => metrics::events(stream, group, "ok", n),
+                Err(e) => {
+                    // Done but not acknowledged: it will be delivered again,
+                    // which handlers must (and do) tolerate.
+                    log::warn!("{stream}: could not acknowledge {n} handled entries: {e}");
+                    metrics::events(stream, group, "failed", n);
+                }
+            }
+        }
+    }
+
+    /// Lets go of a handled batch: finished entries, and those not tried
+    /// carried over to this thread's next turn.
+    fn finish(&mut self, batch: Vec<Delivery>, not_tried: &[usize]) {
         let mut in_flight = lock(&self.in_flight);
         for (i, d) in batch.into_iter().enumerate() {
             if not_tried.contains(&i) {
@@ -388,20 +451,13 @@ impl HandlerThread {
         not_tried.extend(answered..batch.len());
         let failed = self.count_and_settle_failures(sub, &failed_now);
         if !to_ack.is_empty() || !forget.is_empty() {
-            let (s, g) = (sub.stream, sub.group);
-            match self.run_idempotent(|c| ack_and_forget(c, s, g, &to_ack, &forget)) {
-                Ok(()) => ok += to_ack.len() as u64,
-                Err(e) => {
-                    // Done but not acknowledged: it will be delivered again,
-                    // which handlers must (and do) tolerate.
-                    log::warn!(
-                        "{}: could not acknowledge {} handled entries: {e}",
-                        sub.stream,
-                        to_ack.len()
-                    );
-                    metrics::events(sub.stream, sub.group, "failed", to_ack.len() as u64);
-                }
-            }
+            // Sent with the turn's other acknowledgements (`acknowledge`),
+            // which counts them as `ok`.
+            self.acks.push(Acks {
+                sub,
+                done: to_ack.iter().map(|s| s.to_string()).collect(),
+                forget: forget.iter().map(|s| s.to_string()).collect(),
+            });
         }
         metrics::events(sub.stream, sub.group, "ok", ok);
         metrics::events(sub.stream, sub.group, "failed", failed);

@@ -399,6 +399,8 @@ pub fn start(
             beat: beats.register(&format!("reader:{}", sub.stream)),
             claim_cursor: "0-0".into(),
             next_renew: Instant::now(),
+            ahead: std::collections::VecDeque::new(),
+            side: Link::new(redis.clone(), COMMAND_TIMEOUT, topology::ensure_groups),
         };
         threads.push(
             std::thread::Builder::new()
@@ -418,6 +420,7 @@ pub fn start(
             beat: beats.register(&format!("handler-{i}")),
             carry: VecDeque::new(),
             stop_by: None,
+            acks: Vec::new(),
         };
         threads.push(
             std::thread::Builder::new()

@@ -1,7 +1,19 @@
 //! One reader thread per subscription (`reader:<stream>`): re-reads its own
 //! pending entries, claims idle ones, reads new ones, and hands them to the
 //! handler threads over the bounded channel.
+//!
+//! **Reading ahead.** While new entries keep coming and the handlers keep
+//! up, a reader keeps [`READ_AHEAD`] reads of new entries outstanding on its
+//! connection: Redis runs the second as soon as the first returns, so a read
+//! is always waiting at Redis and a new entry leaves at once, instead of
+//! waiting for the next read to cross the link (half a round trip on
+//! average, which with Redis a WAN link away is most of the latency). Each
+//! read is sent before the previous one's entries are dispatched. An empty
+//! read (the stream went quiet), a full channel, or a claim or renewal due
+//! stops reading ahead; the outstanding reads are received (and their
+//! entries dispatched) before any other command uses the connection.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, SendTimeoutError, Sender};
@@ -28,7 +40,23 @@ pub(super) struct Reader {
     /// When the entries this instance holds are next renewed (see
     /// [`crate::lease`]).
     pub(super) next_renew: Instant,
+    /// Reads of new entries sent whose replies are still to come, oldest
+    /// first: the [`Reader::epoch`] at which each was sent.
+    pub(super) ahead: VecDeque<u64>,
+    /// A second connection for what must not wait for the outstanding
+    /// reads: renewing held entries while the channel is full.
+    pub(super) side: Link,
 }
+
+/// Reads of new entries kept outstanding while entries keep coming: one
+/// per entry that arrives within a round trip, plus one (at 200 orders/s
+/// and 10 ms RTT, 2 left entries waiting for a read: `BENCHMARKS.md`).
+pub const READ_AHEAD: usize = 4;
+/// The `BLOCK` of the reads sent ahead: short, so that once the stream goes
+/// quiet they come back empty one after the other within a fraction of a
+/// second, and the reader is back to one read with the full `BLOCK_MS`
+/// (claims, renewals and a stop wait for the outstanding reads).
+const AHEAD_BLOCK: Duration = Duration::from_millis(100);
 
 impl Reader {
     pub(super) fn run(mut self) {
@@ -44,19 +72,38 @@ impl Reader {
                 // acknowledged (the ack failed with the connection), so
                 // re-read our own pending entries first, as at start.
                 backlog = Some("0".into());
+                self.ahead.clear();
             }
             if crate::shutdown::is_started(&self.shutdown)
                 || !self
                     .link
                     .wait_connected(&self.shutdown, &|| self.beat.beat())
             {
+                // What the reads still on their way deliver is ours: hand it
+                // to the handlers, which finish it within the stop grace,
+                // rather than leave it pending until the next start.
+                while !self.ahead.is_empty() && self.link.is_connected() {
+                    if !self.read_new(false) {
+                        break;
+                    }
+                }
                 break;
             }
-            if Instant::now() >= next_claim {
-                self.claim();
-                next_claim = Instant::now() + self.settings.claim_interval();
+            let claim_due = Instant::now() >= next_claim;
+            if self.ahead.is_empty() {
+                if claim_due {
+                    self.claim();
+                    next_claim = Instant::now() + self.settings.claim_interval();
+                }
+                self.renew_if_due();
             }
-            self.renew_if_due();
+            if backlog.is_none() {
+                let may_read_ahead = !claim_due && Instant::now() < self.next_renew;
+                if !self.read_new(may_read_ahead) {
+                    break;
+                }
+                continue;
+            }
             let from = backlog.clone().unwrap_or_else(|| ">".into());
             let epoch = self.epoch();
             match self.read(&from) {
@@ -83,6 +130,62 @@ impl Reader {
         log::debug!("reader for {stream}/{group} stopped");
     }
 
+    /// Receives the oldest outstanding read of new entries (sending one
+    /// first if none is), keeps [`READ_AHEAD`] outstanding while entries
+    /// keep coming and `may_read_ahead`, and dispatches. Returns `false` if
+    /// the handlers are gone.
+    fn read_new(&mut self, may_read_ahead: bool) -> bool {
+        if self.ahead.is_empty() {
+            if let Err(e) = self.send_read(self.settings.block) {
+                self.on_error(&e);
+                return true;
+            }
+        }
+        let Some(epoch) = self.ahead.pop_front() else {
+            return true;
+        };
+        let reply = self
+            .link
+            .run(|c| c.recv_response().and_then(|v| v.extract_error()));
+        let entries = match reply {
+            Ok(v) => parse_read_reply(&v),
+            Err(e) => {
+                if !self.ahead.is_empty() {
+                    // Replies still outstanding would answer whatever the
+                    // error handling sends: start over on a new connection.
+                    self.link.reset();
+                    self.ahead.clear();
+                }
+                self.on_error(&e);
+                return true;
+            }
+        };
+        let handlers_keep_up = self.tx.len() <= self.tx.capacity().unwrap_or(0) / 2;
+        if !entries.is_empty() && may_read_ahead && handlers_keep_up {
+            while self.ahead.len() < READ_AHEAD {
+                if self
+                    .send_read(AHEAD_BLOCK.min(self.settings.block))
+                    .is_err()
+                {
+                    // The connection is gone; the next turn reconnects and
+                    // re-reads what was delivered.
+                    break;
+                }
+            }
+        }
+        self.dispatch(entries, false, epoch)
+    }
+
+    /// Sends `XREADGROUP ... BLOCK block ... >` without waiting for its
+    /// reply.
+    fn send_read(&mut self, block: Duration) -> Result<(), RedisError> {
+        let packed = self.read_command(">", block).get_packed_command();
+        let epoch = self.epoch();
+        self.link.run(|c| c.send_packed_command(&packed))?;
+        self.ahead.push_back(epoch);
+        Ok(())
+    }
+
     fn on_error(&mut self, e: &RedisError) {
         if topology::is_nogroup(e) {
             log::warn!(
@@ -105,20 +208,24 @@ impl Reader {
 
     /// `XREADGROUP` from `from` (`>` blocks; an ID re-reads our pending).
     fn read(&mut self, from: &str) -> Result<Vec<(String, Option<Fields>)>, RedisError> {
-        let (sub, settings) = (self.sub, &self.settings);
-        let reply: Value = self.link.run(|c| {
-            let mut cmd = redis::cmd("XREADGROUP");
-            cmd.arg("GROUP")
-                .arg(sub.group)
-                .arg(&settings.consumer)
-                .arg("COUNT")
-                .arg(settings.batch_size);
-            if from == ">" {
-                cmd.arg("BLOCK").arg(settings.block.as_millis() as u64);
-            }
-            cmd.arg("STREAMS").arg(sub.stream).arg(from).query(c)
-        })?;
+        let cmd = self.read_command(from, self.settings.block);
+        let reply: Value = self.link.run(|c| cmd.query(c))?;
         Ok(parse_read_reply(&reply))
+    }
+
+    fn read_command(&self, from: &str, block: Duration) -> redis::Cmd {
+        let (sub, settings) = (self.sub, &self.settings);
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(sub.group)
+            .arg(&settings.consumer)
+            .arg("COUNT")
+            .arg(settings.batch_size);
+        if from == ">" {
+            cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+        }
+        cmd.arg("STREAMS").arg(sub.stream).arg(from);
+        cmd
     }
 
     /// Renews the entries of this subscription that handlers hold (in the
@@ -140,9 +247,13 @@ impl Reader {
             return;
         }
         let consumer = self.settings.consumer.clone();
-        let renewed = self
-            .link
-            .run(|c| crate::lease::renew(c, sub.stream, sub.group, &consumer, &held));
+        // On the side connection when reads are outstanding on this one.
+        let link = if self.ahead.is_empty() {
+            &mut self.link
+        } else {
+            &mut self.side
+        };
+        let renewed = link.run(|c| crate::lease::renew(c, sub.stream, sub.group, &consumer, &held));
         match renewed {
             Ok(n) if (n as usize) < held.len() => log::info!(
                 "{}/{}: {} held entries are no longer ours (claimed by another instance?)",
@@ -238,9 +349,12 @@ impl Reader {
                     self.sub.stream
                 );
                 let (s, g) = (self.sub.stream, self.sub.group);
-                let _ = self
-                    .link
-                    .run(|c| ack_and_forget(c, s, g, &[id.as_str()], &[id.as_str()]));
+                let link = if self.ahead.is_empty() {
+                    &mut self.link
+                } else {
+                    &mut self.side
+                };
+                let _ = link.run(|c| ack_and_forget(c, s, g, &[id.as_str()], &[id.as_str()]));
                 continue;
             };
             let mut in_flight = lock(&self.in_flight);

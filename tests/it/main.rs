@@ -33,6 +33,8 @@ mod fuzz;
 mod security;
 // Bodies after `Expect: 100-continue` or on `Connection: Upgrade` (issue 10.2).
 mod slow_bodies;
+// Redis a WAN link away (issue 14).
+mod far_redis;
 
 // What a service does before any order: readiness that repairs the topology,
 // the log filter flag, default consumer names, redacted configuration errors.
