@@ -23,6 +23,10 @@ use crate::{metrics, topology};
 /// connections keep being dropped; each on a new connection.
 const IDEMPOTENT_ATTEMPTS: u32 = 3;
 
+/// How many times `BATCH_SIZE` a handler thread takes in one turn when more
+/// than a batch waits in the channel.
+const BACKLOG_FACTOR: usize = 4;
+
 /// `XACK`s `acked` and removes the failure counts of `forget`, in one round
 /// trip.
 pub(super) fn ack_and_forget(
@@ -111,8 +115,15 @@ impl HandlerThread {
                     Err(RecvTimeoutError::Disconnected) => break,
                 },
             };
+            // A backlog in the channel (Redis far away, each batch a round
+            // trip): take up to four batches' worth in one turn.
+            let most = if self.rx.len() > self.settings.batch_size {
+                self.settings.batch_size * BACKLOG_FACTOR
+            } else {
+                self.settings.batch_size
+            };
             let mut batch = vec![first];
-            while batch.len() < self.settings.batch_size {
+            while batch.len() < most {
                 match self
                     .carry
                     .pop_front()
