@@ -37,6 +37,19 @@ pub(super) fn ack_and_forget(
     forget: &[&str],
 ) -> Result<(), RedisError> {
     let mut pipe = redis::pipe();
+    add_ack_and_forget(&mut pipe, stream, group, acked, forget);
+    pipe.query(conn)
+}
+
+/// Adds the `XACK` of `acked` and the `HDEL` of the failure counts of
+/// `forget` to `pipe`, replies ignored.
+fn add_ack_and_forget<S: redis::ToRedisArgs>(
+    pipe: &mut redis::Pipeline,
+    stream: &str,
+    group: &str,
+    acked: &[S],
+    forget: &[S],
+) {
     if !acked.is_empty() {
         pipe.cmd("XACK").arg(stream).arg(group).arg(acked).ignore();
     }
@@ -46,7 +59,6 @@ pub(super) fn ack_and_forget(
             .arg(forget)
             .ignore();
     }
-    pipe.query(conn)
 }
 
 /// Adds one failure to each of `ids`; returns the counts now.
@@ -201,17 +213,7 @@ impl HandlerThread {
         let result = self.run_idempotent(|c| {
             let mut pipe = redis::pipe();
             for a in &acks {
-                let failures = topology::failures_key(a.sub.stream, a.sub.group);
-                if !a.done.is_empty() {
-                    pipe.cmd("XACK")
-                        .arg(a.sub.stream)
-                        .arg(a.sub.group)
-                        .arg(&a.done)
-                        .ignore();
-                }
-                if !a.forget.is_empty() {
-                    pipe.cmd("HDEL").arg(failures).arg(&a.forget).ignore();
-                }
+                add_ack_and_forget(&mut pipe, a.sub.stream, a.sub.group, &a.done, &a.forget);
             }
             pipe.query::<()>(c)
         });

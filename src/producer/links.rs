@@ -24,10 +24,10 @@ use std::time::{Duration, Instant};
 use redis::Value;
 
 use super::{
-    expire, fail_all, has_keys, items, settle, xadd, Job, Settings, Wait, MAX_BATCH, QUEUE,
+    expire, fail_all, has_keys, items, refuse_queue_full, settle, xadd, Job, Settings, Wait,
+    MAX_BATCH, QUEUE,
 };
 use crate::connection::{Link, Redis};
-use crate::http;
 use crate::notify::Heartbeat;
 use crate::topology::{self, ORDER_EVENTS};
 
@@ -85,10 +85,7 @@ impl Writers {
             let mut state = self.lock();
             if state.jobs.len() >= QUEUE {
                 drop(state);
-                return http::respond(
-                    job.request,
-                    http::error(503, "too many orders waiting for Redis; retry later"),
-                );
+                return refuse_queue_full(job);
             }
             state.jobs.push_back(job);
             state.idle_links.pop()

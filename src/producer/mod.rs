@@ -305,6 +305,14 @@ fn answer(job: Job, outcome: Outcome) {
     }
 }
 
+/// The queue is full: `503` at once rather than a wait with no end.
+fn refuse_queue_full(job: Job) {
+    http::respond(
+        job.request,
+        http::error(503, "too many orders waiting for Redis; retry later"),
+    );
+}
+
 fn expire(job: Job) {
     http::respond(
         job.request,

@@ -24,13 +24,14 @@ use std::time::{Duration, Instant};
 use redis::Value;
 
 use super::{
-    expire, fail_all, has_keys, items, settle, xadd, Job, Settings, Wait, MAX_BATCH, QUEUE, WINDOW,
+    expire, fail_all, has_keys, items, refuse_queue_full, settle, xadd, Job, Settings, Wait,
+    MAX_BATCH, QUEUE, WINDOW,
 };
 use crate::connection::{self, Link, Redis, CONNECT_TIMEOUT};
+use crate::metrics;
 use crate::notify::{Heartbeat, Heartbeats};
 use crate::topology::{self, ORDER_EVENTS};
 use crate::wire::{self, Replies};
-use crate::{http, metrics};
 
 /// Longest the reply thread waits in one read: how soon it notices a
 /// failover followed, or an overdue reply.
@@ -78,6 +79,14 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Waits on `wake` for at most `timeout`, holding `state` again after.
+    fn wait<'a>(&self, state: MutexGuard<'a, State>, timeout: Duration) -> MutexGuard<'a, State> {
+        self.wake
+            .wait_timeout(state, timeout)
+            .map(|(s, _)| s)
+            .unwrap_or_else(|e| e.into_inner().0)
+    }
 }
 
 /// The queue and connection of [`super::Way::Pipelined`].
@@ -122,10 +131,7 @@ impl Pipeline {
         let mut state = self.shared.lock();
         if state.jobs.len() >= QUEUE {
             drop(state);
-            return http::respond(
-                job.request,
-                http::error(503, "too many orders waiting for Redis; retry later"),
-            );
+            return refuse_queue_full(job);
         }
         state.jobs.push_back(job);
         if state.sender.is_none() {
@@ -145,12 +151,7 @@ impl Pipeline {
         state.finishing = true;
         self.shared.wake.notify_one();
         while (!state.jobs.is_empty() || !state.sent.is_empty()) && Instant::now() < until {
-            state = self
-                .shared
-                .wake
-                .wait_timeout(state, Duration::from_millis(20))
-                .map(|(s, _)| s)
-                .unwrap_or_else(|e| e.into_inner().0);
+            state = self.shared.wait(state, Duration::from_millis(20));
         }
     }
 }
@@ -247,12 +248,7 @@ impl ReplyThread {
                 if state.finishing {
                     return false;
                 }
-                state = self
-                    .shared
-                    .wake
-                    .wait_timeout(state, Duration::from_secs(1))
-                    .map(|(s, _)| s)
-                    .unwrap_or_else(|e| e.into_inner().0);
+                state = self.shared.wait(state, Duration::from_secs(1));
                 self.beat.beat();
             }
         }
