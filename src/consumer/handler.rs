@@ -1,4 +1,4 @@
-//! Handler threads (`handler-<n>`): take a batch from the channel, run the
+//! Handler threads (`handler-<n>`): take a batch from their lane, run the
 //! [`Handler`], wait for replicas (`REDIS_WAIT_REPLICAS`), then acknowledge,
 //! count failures, and dead-letter what can never succeed.
 
@@ -24,8 +24,8 @@ use crate::{metrics, topology};
 const IDEMPOTENT_ATTEMPTS: u32 = 3;
 
 /// How many times `BATCH_SIZE` a handler thread takes in one turn when more
-/// than a batch waits in the channel.
-const BACKLOG_FACTOR: usize = 4;
+/// than a batch waits on its lane.
+pub(super) const BACKLOG_FACTOR: usize = 4;
 
 /// `XACK`s `acked` and removes the failure counts of `forget`, in one round
 /// trip.
@@ -123,11 +123,11 @@ impl HandlerThread {
                 None => match self.rx.recv_timeout(Duration::from_secs(1)) {
                     Ok(d) => d,
                     Err(RecvTimeoutError::Timeout) => continue,
-                    // Every reader has stopped and the channel is drained.
+                    // Every reader has stopped and the lane is drained.
                     Err(RecvTimeoutError::Disconnected) => break,
                 },
             };
-            // A backlog in the channel (Redis far away, each batch a round
+            // A backlog on the lane (Redis far away, each batch a round
             // trip): take up to four batches' worth in one turn.
             let most = if self.rx.len() > self.settings.batch_size {
                 self.settings.batch_size * BACKLOG_FACTOR

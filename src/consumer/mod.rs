@@ -8,9 +8,9 @@
 //! [`run_until`], the whole service around the runtime.
 //!
 //! ```text
-//!  reader:order-events ──┐                       ┌─ handler-1 ─┐
-//!                         ├─ bounded channel ───┤              ├─ handle, then XACK
-//!  reader:payment-events ─┘   (backpressure)     └─ handler-2 ─┘   (or dead-letter)
+//!  reader:order-events ──┐   one bounded lane    ┌─ handler-1 ─┐
+//!                         ├── per handler thread ─┤              ├─ handle, then XACK
+//!  reader:payment-events ─┘   (by userId)         └─ handler-2 ─┘   (or dead-letter)
 //! ```
 //!
 //! * One **reader** thread per subscription, with its own connection, does
@@ -22,8 +22,13 @@
 //!   The claim cursor is kept from one round to the next (back to `0-0` only
 //!   when Redis says the scan is complete), so the tail of a long pending
 //!   list is reached too.
-//! * Entries cross a **bounded** channel. A full channel blocks the reader,
-//!   so memory stays bounded whatever the backlog.
+//! * Entries cross **bounded** channels, one lane per handler thread
+//!   (`lanes.rs`). A full lane blocks the reader, so memory stays bounded
+//!   whatever the backlog.
+//! * **Ordering.** Every entry of one `userId` takes the same lane, so one
+//!   thread handles a user's entries, in stream order: a user's orders are
+//!   paid and notified in the order they were written. Only an entry
+//!   retried after a failure (a claim) may come after later ones.
 //! * **Handler** threads take a batch, run the [`Handler`], and only then
 //!   acknowledge (one `XACK` for the batch), or leave a failed entry pending
 //!   for a retry, or dead-letter it (see [`crate::dlq`]). A failing entry
@@ -47,9 +52,10 @@
 //!   quick (checked between deliveries; one started after the signal and
 //!   slower than [`SLOW_AT_STOP`] ends it), acknowledge what they finished
 //!   (on a new connection if a dropped one fails), leave the rest pending for
-//!   the next start, and exit when the channel is disconnected.
+//!   the next start, and exit when their lane is disconnected.
 
 mod handler;
+mod lanes;
 mod reader;
 pub(crate) mod reply;
 mod service;
@@ -72,6 +78,7 @@ use crate::notify::{Heartbeat, Heartbeats};
 use crate::topology;
 
 use handler::HandlerThread;
+use lanes::Lanes;
 use reader::Reader;
 
 /// What a consumer reads: one stream through one group.
@@ -334,7 +341,7 @@ type Key = (Subscription, String);
 /// re-read does not hand the same entry out twice inside this process.
 #[derive(Default)]
 struct Tracker {
-    /// Held by a handler thread (in the channel, in a batch, or carried
+    /// Held by a handler thread (on its lane, in a batch, or carried
     /// over to its next turn).
     held: HashSet<Key>,
     /// Finished (or let go) recently, with the [`Tracker::epoch`] at that
@@ -380,8 +387,9 @@ pub fn start(
     shutdown: &Receiver<()>,
     beats: &Heartbeats,
 ) -> std::io::Result<Vec<JoinHandle<()>>> {
-    let capacity = settings.batch_size * settings.handler_threads * 2;
-    let (tx, rx) = crossbeam_channel::bounded::<Delivery>(capacity);
+    // Room for a backlog batch (see `handler.rs`) on each lane.
+    let capacity = settings.batch_size * handler::BACKLOG_FACTOR;
+    let (lanes, receivers) = Lanes::new(settings.handler_threads, capacity);
     let in_flight: InFlight = Arc::default();
     let mut threads = Vec::new();
     for &sub in subscriptions {
@@ -393,7 +401,7 @@ pub fn start(
                 topology::ensure_groups,
             ),
             settings: settings.clone(),
-            tx: tx.clone(),
+            lanes: lanes.clone(),
             in_flight: in_flight.clone(),
             shutdown: shutdown.clone(),
             beat: beats.register(&format!("reader:{}", sub.stream)),
@@ -408,13 +416,13 @@ pub fn start(
                 .spawn(move || reader.run())?,
         );
     }
-    drop(tx);
-    for i in 1..=settings.handler_threads {
+    drop(lanes);
+    for (i, rx) in (1..).zip(receivers) {
         let thread = HandlerThread {
             link: Link::new(redis.clone(), COMMAND_TIMEOUT, topology::ensure_groups),
             handler: handler.clone(),
             settings: settings.clone(),
-            rx: rx.clone(),
+            rx,
             in_flight: in_flight.clone(),
             shutdown: shutdown.clone(),
             beat: beats.register(&format!("handler-{i}")),

@@ -1,6 +1,7 @@
 //! One reader thread per subscription (`reader:<stream>`): re-reads its own
 //! pending entries, claims idle ones, reads new ones, and hands them to the
-//! handler threads over the bounded channel.
+//! handler threads over the bounded lanes (the lane of each entry's
+//! `userId`, see `lanes.rs`).
 //!
 //! **Reading ahead.** While new entries keep coming and the handlers keep
 //! up, a reader keeps [`READ_AHEAD`] reads of new entries outstanding on its
@@ -9,17 +10,18 @@
 //! waiting for the next read to cross the link (half a round trip on
 //! average, which with Redis a WAN link away is most of the latency). Each
 //! read is sent before the previous one's entries are dispatched. An empty
-//! read (the stream went quiet), a full channel, or a claim or renewal due
+//! read (the stream went quiet), a lane more than half full, or a claim or renewal due
 //! stops reading ahead; the outstanding reads are received (and their
 //! entries dispatched) before any other command uses the connection.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, SendTimeoutError, Sender};
+use crossbeam_channel::{Receiver, SendTimeoutError};
 use redis::{RedisError, Value};
 
 use super::handler::ack_and_forget;
+use super::lanes::Lanes;
 use super::reply::{parse_entries, parse_read_reply};
 use super::{lock, Delivery, InFlight, Settings, Subscription};
 use crate::connection::Link;
@@ -31,7 +33,8 @@ pub(super) struct Reader {
     pub(super) sub: Subscription,
     pub(super) link: Link,
     pub(super) settings: Settings,
-    pub(super) tx: Sender<Delivery>,
+    /// Where entries go: the lane of each entry's user (see `lanes.rs`).
+    pub(super) lanes: Lanes,
     pub(super) in_flight: InFlight,
     pub(super) shutdown: Receiver<()>,
     pub(super) beat: Heartbeat,
@@ -44,7 +47,7 @@ pub(super) struct Reader {
     /// first: the [`Reader::epoch`] at which each was sent.
     pub(super) ahead: VecDeque<u64>,
     /// A second connection for what must not wait for the outstanding
-    /// reads: renewing held entries while the channel is full.
+    /// reads: renewing held entries while a lane is full.
     pub(super) side: Link,
 }
 
@@ -160,7 +163,7 @@ impl Reader {
                 return true;
             }
         };
-        let handlers_keep_up = self.tx.len() <= self.tx.capacity().unwrap_or(0) / 2;
+        let handlers_keep_up = self.lanes.keep_up();
         if !entries.is_empty() && may_read_ahead && handlers_keep_up {
             while self.ahead.len() < READ_AHEAD {
                 if self
@@ -338,7 +341,7 @@ impl Reader {
     ) -> bool {
         lock(&self.in_flight).prune(self.sub, epoch);
         // All of them are held from now on, so that renewing (while the
-        // channel is full) covers those still waiting here too.
+        // lane is full) covers those still waiting here too.
         let mut deliveries = Vec::with_capacity(entries.len());
         for (id, fields) in entries {
             let Some(fields) = fields else {
@@ -379,7 +382,7 @@ impl Reader {
         };
         for mut delivery in deliveries {
             loop {
-                match self.tx.send_timeout(delivery, Duration::from_secs(1)) {
+                match self.lanes.send_timeout(delivery, Duration::from_secs(1)) {
                     Ok(()) => break,
                     // Handlers are busy: that is backpressure, not a wedge.
                     Err(SendTimeoutError::Timeout(d)) => {

@@ -35,6 +35,8 @@ mod security;
 mod slow_bodies;
 // Redis a WAN link away (issue 14).
 mod far_redis;
+// The orders of one user in the order they were written (CONTRACT "Ordering").
+mod ordering;
 
 // What a service does before any order: readiness that repairs the topology,
 // the log filter flag, default consumer names, redacted configuration errors.

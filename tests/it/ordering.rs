@@ -1,0 +1,111 @@
+//! "Ordering" (`CONTRACT.md`): the orders of one `userId` are paid and
+//! notified in the order they were written. A user places orders in quick
+//! succession while several handler threads work on small batches and the
+//! webhook receiver takes a moment per call: each user's payments, and each
+//! user's notifications, must come in the order of that user's orders.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::support::flow::{
+    drained, env, start_ready, xrange, DEADLINE, ORDER_EVENTS, PAYMENT_EVENTS,
+};
+use crate::support::{wait_until, RedisServer, WebhookSink};
+
+const USERS: usize = 5;
+const ORDERS: usize = 300;
+
+/// Groups `(user, id)` pairs by user, keeping their order.
+fn by_user(items: impl IntoIterator<Item = (String, String)>) -> HashMap<String, Vec<String>> {
+    let mut map: HashMap<String, Vec<String>> = HashMap::new();
+    for (user, id) in items {
+        map.entry(user).or_default().push(id);
+    }
+    map
+}
+
+#[test]
+fn the_orders_of_one_user_are_paid_and_notified_in_the_order_they_were_written() {
+    let redis = RedisServer::start();
+    let sink = WebhookSink::options()
+        .delay(Duration::from_micros(300))
+        .start();
+    let url = sink.url();
+    // Four handler threads taking four entries at a time: plenty of
+    // chances for two threads to hold one user's orders at once.
+    let consumers = env(&[
+        ("HANDLER_THREADS", "4"),
+        ("BATCH_SIZE", "4"),
+        ("NOTIFY_WEBHOOK_URL", &url),
+    ]);
+    let _payment = start_ready("payment-service", &redis, &consumers);
+    let _notification = start_ready("notification-service", &redis, &consumers);
+
+    let mut conn = redis.conn();
+    let mut pipe = redis::pipe();
+    for i in 0..ORDERS {
+        pipe.cmd("XADD")
+            .arg(ORDER_EVENTS)
+            .arg("*")
+            .arg("userId")
+            .arg(format!("ordering-u{}", i % USERS))
+            .arg("productId")
+            .arg(format!("p{i}"))
+            .arg("price")
+            .arg("9.99");
+    }
+    let _: Vec<String> = pipe.query(&mut conn).expect("XADD the orders");
+
+    let received = sink.wait_accepted(2 * ORDERS, DEADLINE);
+    wait_until("every order paid", DEADLINE, || {
+        drained(&mut conn, ORDER_EVENTS, "payment-service-group")
+    });
+    let orders = xrange(&mut conn, ORDER_EVENTS, "-", "+");
+    let payments = xrange(&mut conn, PAYMENT_EVENTS, "-", "+");
+    assert_eq!(payments.len(), ORDERS, "one payment per order");
+
+    let user_of = |e: &testkit::stream::RawEntry| e.text("userId").unwrap_or_default();
+    let written = by_user(orders.iter().map(|o| (user_of(o), o.id.clone())));
+    assert_eq!(written.len(), USERS);
+
+    let paid = by_user(
+        payments
+            .iter()
+            .map(|p| (user_of(p), p.text("orderId").unwrap_or_default())),
+    );
+    for (user, ids) in &written {
+        assert_eq!(
+            paid.get(user),
+            Some(ids),
+            "{user}'s orders paid out of order"
+        );
+    }
+
+    let notified = |kind: &str| {
+        by_user(
+            received
+                .iter()
+                .filter(|r| r.accepted() && r.body["kind"] == kind)
+                .map(|r| {
+                    let user = r.body["userId"].as_str().unwrap_or_default();
+                    let id = r.body["eventId"].as_str().unwrap_or_default();
+                    (user.to_string(), id.to_string())
+                }),
+        )
+    };
+    for (user, ids) in &written {
+        assert_eq!(
+            notified("order").get(user),
+            Some(ids),
+            "{user}'s orders notified out of order"
+        );
+    }
+    let payment_ids = by_user(payments.iter().map(|p| (user_of(p), p.id.clone())));
+    for (user, ids) in &payment_ids {
+        assert_eq!(
+            notified("payment").get(user),
+            Some(ids),
+            "{user}'s payments notified out of order"
+        );
+    }
+}
