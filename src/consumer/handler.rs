@@ -105,6 +105,28 @@ pub(super) struct HandlerThread {
     pub(super) acks: Vec<Acks>,
 }
 
+/// What [`HandlerThread::take`] found.
+pub(super) enum Take {
+    /// A batch, in lane order.
+    Batch(Vec<Delivery>),
+    /// Nothing within a second.
+    Idle,
+    /// Nothing, and nothing will come: the readers have stopped.
+    Closed,
+}
+
+/// `batch` split by subscription, keeping arrival order within each.
+pub(super) fn by_subscription(mut batch: Vec<Delivery>) -> Vec<Vec<Delivery>> {
+    let mut parts = Vec::new();
+    while !batch.is_empty() {
+        let sub = batch[0].sub;
+        let (mine, rest): (Vec<_>, Vec<_>) = batch.into_iter().partition(|d| d.sub == sub);
+        parts.push(mine);
+        batch = rest;
+    }
+    parts
+}
+
 /// What one subscription's batch leaves to acknowledge.
 pub(super) struct Acks {
     sub: Subscription,
@@ -118,33 +140,11 @@ impl HandlerThread {
     pub(super) fn run(mut self) {
         loop {
             self.beat.beat();
-            let first = match self.carry.pop_front() {
-                Some(d) => d,
-                None => match self.rx.recv_timeout(Duration::from_secs(1)) {
-                    Ok(d) => d,
-                    Err(RecvTimeoutError::Timeout) => continue,
-                    // Every reader has stopped and the lane is drained.
-                    Err(RecvTimeoutError::Disconnected) => break,
-                },
+            let batch = match self.take() {
+                Take::Batch(batch) => batch,
+                Take::Idle => continue,
+                Take::Closed => break,
             };
-            // A backlog on the lane (Redis far away, each batch a round
-            // trip): take up to four batches' worth in one turn.
-            let most = if self.rx.len() > self.settings.batch_size {
-                self.settings.batch_size * BACKLOG_FACTOR
-            } else {
-                self.settings.batch_size
-            };
-            let mut batch = vec![first];
-            while batch.len() < most {
-                match self
-                    .carry
-                    .pop_front()
-                    .map_or_else(|| self.rx.try_recv(), Ok)
-                {
-                    Ok(d) => batch.push(d),
-                    Err(_) => break,
-                }
-            }
             if self.stop_grace_over() {
                 self.let_go(&batch);
                 continue;
@@ -152,10 +152,7 @@ impl HandlerThread {
             // Group by subscription, keeping arrival order within each;
             // acknowledge all of them in one round trip, then let go.
             let mut handled = Vec::new();
-            while !batch.is_empty() {
-                let sub = batch[0].sub;
-                let (mine, rest): (Vec<_>, Vec<_>) = batch.into_iter().partition(|d| d.sub == sub);
-                batch = rest;
+            for mine in by_subscription(batch) {
                 handled.push(self.process(mine));
             }
             self.acknowledge();
@@ -169,8 +166,41 @@ impl HandlerThread {
         );
     }
 
+    /// The next batch: what was carried over, then what waits on the lane,
+    /// up to `BATCH_SIZE` (four times that from a backlog).
+    pub(super) fn take(&mut self) -> Take {
+        let first = match self.carry.pop_front() {
+            Some(d) => d,
+            None => match self.rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(d) => d,
+                Err(RecvTimeoutError::Timeout) => return Take::Idle,
+                // Every reader has stopped and the lane is drained.
+                Err(RecvTimeoutError::Disconnected) => return Take::Closed,
+            },
+        };
+        // A backlog on the lane (Redis far away, each batch a round
+        // trip): take up to four batches' worth in one turn.
+        let most = if self.rx.len() > self.settings.batch_size {
+            self.settings.batch_size * BACKLOG_FACTOR
+        } else {
+            self.settings.batch_size
+        };
+        let mut batch = vec![first];
+        while batch.len() < most {
+            match self
+                .carry
+                .pop_front()
+                .map_or_else(|| self.rx.try_recv(), Ok)
+            {
+                Ok(d) => batch.push(d),
+                Err(_) => break,
+            }
+        }
+        Take::Batch(batch)
+    }
+
     /// Whether shutdown began more than [`STOP_GRACE`] ago.
-    fn stop_grace_over(&mut self) -> bool {
+    pub(super) fn stop_grace_over(&mut self) -> bool {
         if self.stop_by.is_none() && crate::shutdown::is_started(&self.shutdown) {
             self.stop_by = Some(Instant::now() + STOP_GRACE);
         }
@@ -179,7 +209,7 @@ impl HandlerThread {
 
     /// Lets go of deliveries not started at shutdown: they stay pending
     /// for the next start (or a claim).
-    fn let_go(&mut self, batch: &[Delivery]) {
+    pub(super) fn let_go(&mut self, batch: &[Delivery]) {
         if let Some(d) = batch.first() {
             log::info!(
                 "{}: stopping; {} entries not started stay pending for the next start",
@@ -205,7 +235,7 @@ impl HandlerThread {
     }
 
     /// Sends the turn's acknowledgements, in one round trip.
-    fn acknowledge(&mut self) {
+    pub(super) fn acknowledge(&mut self) {
         let acks = std::mem::take(&mut self.acks);
         if acks.is_empty() {
             return;
@@ -233,7 +263,7 @@ impl HandlerThread {
 
     /// Lets go of a handled batch: finished entries, and those not tried
     /// carried over to this thread's next turn.
-    fn finish(&mut self, batch: Vec<Delivery>, not_tried: &[usize]) {
+    pub(super) fn finish(&mut self, batch: Vec<Delivery>, not_tried: &[usize]) {
         let mut in_flight = lock(&self.in_flight);
         for (i, d) in batch.into_iter().enumerate() {
             if not_tried.contains(&i) {
@@ -249,7 +279,7 @@ impl HandlerThread {
     /// groups (see [`crate::dlq`]): this group handled the original already.
     /// Returns the rest. Left pending if the acknowledgement fails: they
     /// come back and are skipped then.
-    fn skip_redrives_for_others(&mut self, batch: Vec<Delivery>) -> Vec<Delivery> {
+    pub(super) fn skip_redrives_for_others(&mut self, batch: Vec<Delivery>) -> Vec<Delivery> {
         let (skip, rest): (Vec<_>, Vec<_>) = batch
             .into_iter()
             .partition(|d| dlq::is_for_other_group(&d.fields, d.sub.group));
@@ -289,7 +319,7 @@ impl HandlerThread {
 
     /// Handles `batch`; returns the positions of the deliveries the handler
     /// did not start (its budget ran out).
-    fn handle(&mut self, batch: &[Delivery]) -> Vec<usize> {
+    pub(super) fn handle(&mut self, batch: &[Delivery]) -> Vec<usize> {
         let sub = batch[0].sub;
         loop {
             if !self
@@ -429,7 +459,7 @@ impl HandlerThread {
     /// failed `MAX_DELIVERIES` times or never can succeed, leaves the rest
     /// pending for a retry after `CLAIM_IDLE_MS`. Returns the positions of
     /// deliveries not tried.
-    fn settle(&mut self, batch: &[Delivery], outcomes: Vec<Outcome>) -> Vec<usize> {
+    pub(super) fn settle(&mut self, batch: &[Delivery], outcomes: Vec<Outcome>) -> Vec<usize> {
         let sub = batch[0].sub;
         let (mut to_ack, mut forget, mut failed_now, mut not_tried) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());

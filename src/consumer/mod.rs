@@ -56,6 +56,7 @@
 
 mod handler;
 mod lanes;
+mod pipeline;
 mod reader;
 pub(crate) mod reply;
 mod service;
@@ -174,6 +175,59 @@ pub trait Handler: Send + Sync + 'static {
         batch: &[Delivery],
         progress: &Progress<'_>,
     ) -> Result<Vec<Outcome>, RedisError>;
+
+    /// This handler as a [`Pipelined`] one, if its whole work on a batch
+    /// is one Redis command: the runtime then keeps several batches in
+    /// flight on one connection instead of waiting for each reply.
+    fn pipelined(&self) -> Option<&dyn Pipelined> {
+        None
+    }
+}
+
+/// A handler whose whole work on a batch is one Redis command (a script)
+/// that also acknowledges what it did, in the same atomic step, and is safe
+/// to run again for entries it already handled (it skips those no longer
+/// pending). payment-service's is one. The runtime sends the command of the
+/// next batch before the reply to this one is back (`pipeline.rs`), and
+/// falls back to [`Handler::handle`] after a fault.
+pub trait Pipelined: Send + Sync {
+    /// The script the commands run, loaded (`SCRIPT LOAD`) on each new
+    /// connection before they are sent as `EVALSHA`.
+    fn script(&self) -> &redis::Script;
+
+    /// The command for `batch` (all from one subscription), or `None` if no
+    /// delivery in it needs Redis.
+    fn command(&self, batch: &[Delivery]) -> Option<redis::Cmd>;
+
+    /// The outcome of each delivery of `batch`, from the reply to its
+    /// command (`None` when [`Pipelined::command`] gave none). An `Err`
+    /// (a reply of the wrong shape) has the batch handled again.
+    fn outcomes(
+        &self,
+        batch: &[Delivery],
+        reply: Option<redis::Value>,
+    ) -> Result<Vec<Outcome>, RedisError>;
+
+    /// [`Pipelined::command`] and [`Pipelined::outcomes`] in one round
+    /// trip on `conn`, loading the script if Redis does not have it: what
+    /// [`Handler::handle`] of a pipelined handler does.
+    fn handle_at_once(
+        &self,
+        conn: &mut Connection,
+        batch: &[Delivery],
+    ) -> Result<Vec<Outcome>, RedisError> {
+        let Some(cmd) = self.command(batch) else {
+            return self.outcomes(batch, None);
+        };
+        let reply = match cmd.query::<redis::Value>(conn) {
+            Err(e) if e.code() == Some("NOSCRIPT") => {
+                self.script().load(conn)?;
+                cmd.query(conn)?
+            }
+            other => other?,
+        };
+        self.outcomes(batch, Some(reply))
+    }
 }
 
 /// A [`Handler`] that handles one delivery at a time, without Redis: it
@@ -387,9 +441,16 @@ pub fn start(
     shutdown: &Receiver<()>,
     beats: &Heartbeats,
 ) -> std::io::Result<Vec<JoinHandle<()>>> {
+    // A pipelined handler needs one sender, on one lane, for its order.
+    let pipelined = handler.pipelined().is_some() && settings.wait.is_none() && !redis.is_tls();
+    let lanes_n = if pipelined {
+        1
+    } else {
+        settings.handler_threads
+    };
     // Room for a backlog batch (see `handler.rs`) on each lane.
     let capacity = settings.batch_size * handler::BACKLOG_FACTOR;
-    let (lanes, receivers) = Lanes::new(settings.handler_threads, capacity);
+    let (lanes, receivers) = Lanes::new(lanes_n, capacity);
     let in_flight: InFlight = Arc::default();
     let mut threads = Vec::new();
     for &sub in subscriptions {
@@ -417,24 +478,52 @@ pub fn start(
         );
     }
     drop(lanes);
-    for (i, rx) in (1..).zip(receivers) {
-        let thread = HandlerThread {
-            link: Link::new(redis.clone(), COMMAND_TIMEOUT, topology::ensure_groups),
-            handler: handler.clone(),
-            settings: settings.clone(),
-            rx,
-            in_flight: in_flight.clone(),
-            shutdown: shutdown.clone(),
-            beat: beats.register(&format!("handler-{i}")),
-            carry: VecDeque::new(),
-            stop_by: None,
-            acks: Vec::new(),
+    let thread = |name: &str, rx: Receiver<Delivery>| HandlerThread {
+        link: Link::new(redis.clone(), COMMAND_TIMEOUT, topology::ensure_groups),
+        handler: handler.clone(),
+        settings: settings.clone(),
+        rx,
+        in_flight: in_flight.clone(),
+        shutdown: shutdown.clone(),
+        beat: beats.register(name),
+        carry: VecDeque::new(),
+        stop_by: None,
+        acks: Vec::new(),
+    };
+    if pipelined {
+        let (to_replies, from_sender) = crossbeam_channel::bounded(pipeline::WINDOW);
+        let settled = Arc::new(pipeline::Settled::default());
+        let side = pipeline::SendSide {
+            redis: redis.clone(),
+            to_replies,
+            settled: settled.clone(),
+            sent: 0,
+            wire: None,
         };
+        if let Some(rx) = receivers.into_iter().next() {
+            let sender = thread("handler-1", rx);
+            threads.push(
+                std::thread::Builder::new()
+                    .name("handler-1".into())
+                    .spawn(move || sender.run_sender(side))?,
+            );
+        }
+        let replies = thread("handler-replies", crossbeam_channel::never());
         threads.push(
             std::thread::Builder::new()
-                .name(format!("handler-{i}"))
-                .spawn(move || thread.run())?,
+                .name("handler-replies".into())
+                .spawn(move || replies.run_replies(from_sender, settled))?,
         );
+    } else {
+        for (i, rx) in (1..).zip(receivers) {
+            let name = format!("handler-{i}");
+            let t = thread(&name, rx);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(name)
+                    .spawn(move || t.run())?,
+            );
+        }
     }
     Ok(threads)
 }

@@ -37,12 +37,12 @@
 use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
-use redis::{Connection, RedisError, Script, Value};
+use redis::{Cmd, Connection, FromRedisValue, RedisError, Script, Value};
 
 use super::ServiceError;
 use crate::config::Config;
 use crate::consumer::{
-    run_until, Consumer, Delivery, Failure, Handler, Outcome, Progress, Subscription,
+    run_until, Consumer, Delivery, Failure, Handler, Outcome, Pipelined, Progress, Subscription,
 };
 use crate::record::Order;
 use crate::topology::{ORDER_EVENTS, PAYMENT_EVENTS, PAYMENT_GROUP};
@@ -93,6 +93,16 @@ impl Default for Payments {
     }
 }
 
+impl Payments {
+    /// Each delivery's order, or why it is not one.
+    fn orders(batch: &[Delivery]) -> Vec<Result<Order, String>> {
+        batch
+            .iter()
+            .map(|d| Order::from_fields(&d.fields).map_err(|e| e.to_string()))
+            .collect()
+    }
+}
+
 impl Handler for Payments {
     fn handle(
         &self,
@@ -100,19 +110,33 @@ impl Handler for Payments {
         batch: &[Delivery],
         _progress: &Progress<'_>,
     ) -> Result<Vec<Outcome>, RedisError> {
-        let orders: Vec<Result<Order, String>> = batch
-            .iter()
-            .map(|d| Order::from_fields(&d.fields).map_err(|e| e.to_string()))
-            .collect();
-        let mut call = self.script.key(ORDER_EVENTS);
-        call.key(PAYMENT_EVENTS)
-            .key(SEQUENCE_KEY)
-            .key(PAID_KEY)
+        self.handle_at_once(conn, batch)
+    }
+
+    fn pipelined(&self) -> Option<&dyn Pipelined> {
+        Some(self)
+    }
+}
+
+impl Pipelined for Payments {
+    fn script(&self) -> &Script {
+        &self.script
+    }
+
+    /// One `EVALSHA` of [`PAY`] for the valid orders of `batch`.
+    fn command(&self, batch: &[Delivery]) -> Option<Cmd> {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash())
+            .arg(4)
+            .arg(ORDER_EVENTS)
+            .arg(PAYMENT_EVENTS)
+            .arg(SEQUENCE_KEY)
+            .arg(PAID_KEY)
             .arg(PAYMENT_GROUP);
         let mut valid = 0;
-        for (d, order) in batch.iter().zip(&orders) {
+        for (d, order) in batch.iter().zip(Self::orders(batch)) {
             if let Ok(o) = order {
-                call.arg(&d.id)
+                cmd.arg(&d.id)
                     .arg(crate::dlq::redriven_from(&d.fields).unwrap_or_else(|| d.id.clone()))
                     .arg(&o.user_id)
                     .arg(&o.product_id)
@@ -120,11 +144,18 @@ impl Handler for Payments {
                 valid += 1;
             }
         }
-        let mut paid = if valid > 0 {
-            let reply: Vec<Value> = call.invoke(conn)?;
-            reply.into_iter()
-        } else {
-            Vec::new().into_iter()
+        (valid > 0).then_some(cmd)
+    }
+
+    fn outcomes(
+        &self,
+        batch: &[Delivery],
+        reply: Option<Value>,
+    ) -> Result<Vec<Outcome>, RedisError> {
+        let orders = Self::orders(batch);
+        let mut paid = match reply {
+            Some(reply) => Vec::<Value>::from_redis_value(reply)?.into_iter(),
+            None => Vec::new().into_iter(),
         };
         let mut outcomes = Vec::with_capacity(batch.len());
         for (d, order) in batch.iter().zip(orders) {

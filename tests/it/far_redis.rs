@@ -8,8 +8,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::flow::start_ready;
-use crate::support::{order_path, wait_for, RedisServer};
+use crate::support::flow::{order_fields, start_ready, xlen, ORDER_EVENTS, PAYMENT_EVENTS};
+use crate::support::{order_path, wait_for, wait_until, RedisServer};
+use testkit::stream::read_reply_entries;
 
 #[path = "../../benches/load/delay.rs"]
 #[allow(dead_code)]
@@ -68,6 +69,103 @@ fn orders_sent_while_others_are_on_their_way_each_wait_one_round_trip() {
             *elapsed < RTT * 3 / 2,
             "order {i} took {elapsed:?} with Redis {RTT:?} away: it waited for \
              earlier batches, not only for its own round trip (all: {took:?})"
+        );
+    }
+}
+
+/// payment-service with Redis far away, one handler thread, orders every
+/// 150 ms: before issue 14 the thread sent a batch, waited a round trip for
+/// its reply, then sent what had queued meanwhile, so an order could wait
+/// nearly a round trip before its own round trip began (up to 2 RTT from
+/// order to payment). Now each batch is sent as soon as it is read, while
+/// the batches before it are still on their way: an order is paid one round
+/// trip after it was read.
+#[test]
+fn orders_read_while_payments_are_on_their_way_are_paid_without_waiting_for_them() {
+    // Fewer than READ_AHEAD orders per round trip, so that the readers
+    // keep a read waiting at Redis and what is measured is the handling.
+    const ORDERS: usize = 24;
+    const EVERY: Duration = Duration::from_millis(150);
+    let redis = RedisServer::start();
+    let (_proxy, url) = far_url(&redis);
+    let _payment = start_ready(
+        "payment-service",
+        &redis,
+        &[("REDIS_URL", &url), ("HANDLER_THREADS", "1")],
+    );
+    let mut conn = redis.conn();
+    // Warm: past its start (own pending entries, over the far link) and
+    // reading new entries.
+    crate::support::flow::xadd_orders(&mut conn, "far-warm", 1);
+    wait_until("a first order paid", Duration::from_secs(30), || {
+        xlen(&mut conn, PAYMENT_EVENTS) == 1
+    });
+    let mut watcher = redis.conn();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+
+    let (written, seen) = std::thread::scope(|s| {
+        // Watches payment-events, next to Redis: when each payment appears.
+        let watch = s.spawn(|| {
+            let mut seen = std::collections::HashMap::new();
+            let mut last = "$".to_string();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let reply: redis::Value = redis::cmd("XREAD")
+                    .arg("BLOCK")
+                    .arg(50)
+                    .arg("STREAMS")
+                    .arg(PAYMENT_EVENTS)
+                    .arg(&last)
+                    .query(&mut watcher)
+                    .expect("XREAD payment-events");
+                let at = Instant::now();
+                for e in read_reply_entries(&reply) {
+                    seen.insert(e.text("orderId").unwrap_or_default(), at);
+                    last = e.id;
+                }
+            }
+            seen
+        });
+        // Let the watcher's first read reach Redis.
+        std::thread::sleep(Duration::from_millis(100));
+        let started = Instant::now();
+        let mut written = Vec::new();
+        for i in 0..ORDERS {
+            let at = started + EVERY * i as u32;
+            std::thread::sleep(at.saturating_duration_since(Instant::now()));
+            let fields = order_fields("far-pay", i);
+            let mut cmd = redis::cmd("XADD");
+            cmd.arg(ORDER_EVENTS).arg("*");
+            for (k, v) in &fields {
+                cmd.arg(*k).arg(v);
+            }
+            let sent = Instant::now();
+            let id: String = cmd.query(&mut conn).expect("XADD an order");
+            written.push((id, sent));
+        }
+        wait_until("every order paid", Duration::from_secs(30), || {
+            xlen(&mut conn, PAYMENT_EVENTS) > ORDERS
+        });
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (written, watch.join().expect("the watcher"))
+    });
+
+    // The first half warms the readers up (reads kept outstanding once
+    // entries keep coming); after it, each order is paid one round trip
+    // after it was read: 1 to 1.25 RTT. 1.5 leaves room for a loaded host.
+    let took: Vec<Duration> = written[ORDERS / 2..]
+        .iter()
+        .map(|(id, sent)| {
+            let paid = seen
+                .get(id)
+                .unwrap_or_else(|| panic!("no payment seen for {id}"));
+            paid.duration_since(*sent)
+        })
+        .collect();
+    for (t, (id, _)) in took.iter().zip(&written[ORDERS / 2..]) {
+        assert!(
+            *t < RTT * 3 / 2,
+            "order {id} was paid {t:?} after it was written, Redis {RTT:?} away: \
+             it waited for earlier payments (all: {took:?})"
         );
     }
 }

@@ -1,0 +1,355 @@
+//! Pipelined handling, for a [`Pipelined`] handler (payment-service's):
+//! its whole work on a batch is one script that also acknowledges, so no
+//! thread needs to wait for each reply.
+//!
+//! ```text
+//!  lane ─> handler-1 ──EVALSHA, EVALSHA, ...──> Redis      (one connection,
+//!             │                                   │          split: wire.rs)
+//!             └── Sent, in order ──> handler-replies <─ replies, in order
+//!                 (at most WINDOW)       settle: dead letters, metrics
+//! ```
+//!
+//! `handler-1` takes batches from its lane and sends their commands on one
+//! split connection ([`crate::wire`]), up to [`WINDOW`] batches ahead of
+//! their replies; `handler-replies` reads the replies in the same order and
+//! settles each batch as a handler thread would. With Redis a WAN link away
+//! a new entry is sent as soon as it is read, instead of waiting for the
+//! batch before it to come back (`BENCHMARKS.md`, issue 14). The two
+//! threads take the place of `HANDLER_THREADS` handler threads.
+//!
+//! **Ordering.** One sender, one connection: Redis runs the commands in the
+//! order the lane holds the entries, which is stream order.
+//!
+//! **Faults.** Anything but a good reply (a lost connection, a reply later
+//! than [`COMMAND_TIMEOUT`], an error reply: `READONLY`, `NOSCRIPT`,
+//! `NOGROUP`, `BUSY`, out of memory) closes the connection. That batch,
+//! and every batch sent after it on that connection, is handled again by
+//! `handler-replies` the way a handler thread does (its own connection,
+//! its retries, [`crate::consumer::Handler::handle`]): the script skips
+//! what it already did, and a fault never counts as a failure. The sender
+//! opens a new connection only once every batch sent on the old one is
+//! settled, so the order holds across a reconnect too.
+//!
+//! Used when the connection can be split and no replica must confirm
+//! writes first: not for `rediss://`, nor with `REDIS_WAIT_REPLICAS` (the
+//! handler threads do those).
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
+use redis::{RedisError, Value};
+
+use super::handler::{by_subscription, HandlerThread, Take};
+use super::{Delivery, Pipelined};
+use crate::connection::{self, Redis, COMMAND_TIMEOUT, CONNECT_TIMEOUT};
+use crate::metrics;
+use crate::wire::{self, Replies};
+
+/// Batches sent and not yet settled, at most: at 10 ms RTT and one entry
+/// per batch, 1,600 entries/s before the sender waits.
+pub(super) const WINDOW: usize = 16;
+
+/// A batch on its way from the sender to the reply thread.
+pub(super) enum Sent {
+    /// Its command went out. `replies` is the new connection's reply half
+    /// when it is the first batch sent on one.
+    Command {
+        batch: Vec<Delivery>,
+        at: Instant,
+        replies: Option<Replies>,
+    },
+    /// Nothing in it needs Redis.
+    NoCommand { batch: Vec<Delivery> },
+    /// It could not be sent: handled the way a handler thread does.
+    Unsent { batch: Vec<Delivery> },
+}
+
+/// How many batches the reply thread has settled; the sender waits on it
+/// before opening a new connection.
+#[derive(Default)]
+pub(super) struct Settled {
+    count: Mutex<u64>,
+    changed: Condvar,
+}
+
+impl Settled {
+    fn add_one(&self) {
+        *self.count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.changed.notify_all();
+    }
+
+    /// Waits up to `wait` for the count to reach `n`; whether it has.
+    fn wait_for(&self, n: u64, wait: Duration) -> bool {
+        let count = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        let (count, _) = self
+            .changed
+            .wait_timeout_while(count, wait, |c| *c < n)
+            .unwrap_or_else(|e| e.into_inner());
+        *count >= n
+    }
+}
+
+/// The sender's side: the connection's sending half and the way to the
+/// reply thread.
+pub(super) struct SendSide {
+    pub(super) redis: Redis,
+    pub(super) to_replies: Sender<Sent>,
+    pub(super) settled: Arc<Settled>,
+    /// Batches handed to the reply thread so far.
+    pub(super) sent: u64,
+    /// The sending half, and the master generation it was opened to.
+    pub(super) wire: Option<(wire::Sender, u64)>,
+}
+
+impl HandlerThread {
+    /// `handler-1` of a pipelined handler: takes batches, sends their
+    /// commands, hands them to the reply thread.
+    pub(super) fn run_sender(mut self, mut side: SendSide) {
+        loop {
+            self.beat.beat();
+            let batch = match self.take() {
+                Take::Batch(batch) => batch,
+                Take::Idle => continue,
+                Take::Closed => break,
+            };
+            if self.stop_grace_over() {
+                self.let_go(&batch);
+                continue;
+            }
+            let batch = self.skip_redrives_for_others(batch);
+            for mine in by_subscription(batch) {
+                let sent = self.send(&mut side, mine);
+                if !self.hand_over(&side, sent) {
+                    return;
+                }
+                side.sent += 1;
+            }
+        }
+        if let Some((s, _)) = side.wire.take() {
+            // Only after the reply thread has read what is in flight.
+            drop(side.to_replies);
+            side.settled.wait_for(side.sent, COMMAND_TIMEOUT);
+            s.close();
+        }
+        log::debug!("handler-1 stopped");
+    }
+
+    /// Sends the command of `batch`, on a new connection if need be.
+    fn send(&mut self, side: &mut SendSide, batch: Vec<Delivery>) -> Sent {
+        let Some(pipelined) = self.handler.pipelined() else {
+            return Sent::Unsent { batch };
+        };
+        let Some(cmd) = pipelined.command(&batch) else {
+            return Sent::NoCommand { batch };
+        };
+        if side
+            .wire
+            .as_ref()
+            .is_some_and(|(_, g)| *g != side.redis.generation())
+        {
+            // A failover was followed: the next batch goes to the new master.
+            side.wire = None;
+        }
+        let mut fresh = None;
+        if side.wire.is_none() {
+            match self.open(side) {
+                Ok(w) => {
+                    side.wire = Some((w.sender, w.generation));
+                    fresh = Some(w.replies);
+                }
+                Err(e) => {
+                    log::debug!("cannot open a pipelined connection: {e}");
+                    return Sent::Unsent { batch };
+                }
+            }
+        }
+        let Some((sender, _)) = side.wire.as_mut() else {
+            return Sent::Unsent { batch };
+        };
+        match sender.send(&cmd.get_packed_command()) {
+            Ok(()) => Sent::Command {
+                batch,
+                at: Instant::now(),
+                replies: fresh,
+            },
+            Err(e) => {
+                log::debug!("pipelined send failed: {e}");
+                sender.close();
+                side.wire = None;
+                Sent::Unsent { batch }
+            }
+        }
+    }
+
+    /// Opens a new connection once everything sent on the old one is
+    /// settled, and loads the script.
+    fn open(&mut self, side: &mut SendSide) -> Result<wire::Wire, RedisError> {
+        while !side.settled.wait_for(side.sent, Duration::from_secs(1)) {
+            self.beat.beat();
+        }
+        let target = side.redis.wire_target()?.ok_or_else(|| {
+            RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "a TLS connection cannot be pipelined",
+            ))
+        })?;
+        let w = wire::open(&target, CONNECT_TIMEOUT, COMMAND_TIMEOUT).inspect_err(|_| {
+            side.redis.lost(target.generation);
+        })?;
+        let handler = self.handler.clone();
+        if let Some(p) = handler.pipelined() {
+            self.link.run(|c| p.script().load(c).map(drop))?;
+        }
+        Ok(w)
+    }
+
+    /// Hands `sent` to the reply thread, waiting while [`WINDOW`] batches
+    /// are ahead of it; `false` if the reply thread is gone.
+    fn hand_over(&self, side: &SendSide, mut sent: Sent) -> bool {
+        loop {
+            match side.to_replies.send_timeout(sent, Duration::from_secs(1)) {
+                Ok(()) => return true,
+                Err(SendTimeoutError::Timeout(s)) => {
+                    self.beat.beat();
+                    sent = s;
+                }
+                Err(SendTimeoutError::Disconnected(_)) => return false,
+            }
+        }
+    }
+
+    /// `handler-replies`: settles each batch the sender handed over, in
+    /// order, from its reply or by handling it again.
+    pub(super) fn run_replies(mut self, from_sender: Receiver<Sent>, settled: Arc<Settled>) {
+        let mut replies: Option<Replies> = None;
+        loop {
+            self.beat.beat();
+            let sent = match from_sender.recv_timeout(Duration::from_secs(1)) {
+                Ok(s) => s,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            match sent {
+                Sent::Command {
+                    batch,
+                    at,
+                    replies: fresh,
+                } => {
+                    if fresh.is_some() {
+                        replies = fresh;
+                    }
+                    let outcomes = self
+                        .reply(&mut replies, at)
+                        .and_then(|v| self.outcomes_of(&batch, Some(v)));
+                    match outcomes {
+                        Some(outcomes) => {
+                            let sub = batch[0].sub;
+                            let n = batch.len() as u64;
+                            metrics::handler_latency(sub.stream, sub.group, at.elapsed(), n);
+                            let not_tried = self.settle(&batch, outcomes);
+                            self.settle_done(batch, &not_tried);
+                        }
+                        None => self.handle_again(batch),
+                    }
+                }
+                Sent::NoCommand { batch } => match self.outcomes_of(&batch, None) {
+                    Some(outcomes) => {
+                        let not_tried = self.settle(&batch, outcomes);
+                        self.settle_done(batch, &not_tried);
+                    }
+                    None => self.handle_again(batch),
+                },
+                Sent::Unsent { batch } => self.handle_again(batch),
+            }
+            settled.add_one();
+        }
+        if let Some(r) = replies {
+            r.close();
+        }
+        log::debug!("handler-replies stopped");
+    }
+
+    /// The reply to the command sent at `at`, or `None` (the connection
+    /// closed) if there is none in time or it is an error.
+    fn reply(&mut self, replies: &mut Option<Replies>, at: Instant) -> Option<Value> {
+        let r = replies.as_mut()?;
+        let deadline = at + COMMAND_TIMEOUT;
+        let why = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break format!("no reply within {} ms", COMMAND_TIMEOUT.as_millis());
+            }
+            match r.next(left.min(Duration::from_secs(1))) {
+                Ok(Some(v)) => match v.extract_error() {
+                    Ok(v) => return Some(v),
+                    Err(e) => {
+                        if connection::is_connection_error(&e) {
+                            // READONLY: a demoted master; ask the sentinels.
+                            self.link.reset();
+                        }
+                        break e.to_string();
+                    }
+                },
+                Ok(None) => self.beat.beat(),
+                Err(e) => break e.to_string(),
+            }
+        };
+        log::info!("pipelined handling interrupted ({why}); handling the batches in flight again");
+        r.close();
+        *replies = None;
+        None
+    }
+
+    fn outcomes_of(&self, batch: &[Delivery], reply: Option<Value>) -> Option<Vec<super::Outcome>> {
+        let p: &dyn Pipelined = self.handler.pipelined()?;
+        match p.outcomes(batch, reply) {
+            Ok(o) => Some(o),
+            Err(e) => {
+                log::warn!(
+                    "{}: unexpected reply ({e}); handling again",
+                    batch[0].sub.stream
+                );
+                None
+            }
+        }
+    }
+
+    /// Handles `batch` the way a handler thread does, on this thread's own
+    /// connection, until nothing of it is left to try.
+    fn handle_again(&mut self, batch: Vec<Delivery>) {
+        let mut batch = batch;
+        loop {
+            let not_tried = self.handle(&batch);
+            let (left, done): (Vec<_>, Vec<_>) = batch
+                .into_iter()
+                .enumerate()
+                .partition(|(i, _)| not_tried.contains(i));
+            self.settle_done(done.into_iter().map(|(_, d)| d).collect(), &[]);
+            batch = left.into_iter().map(|(_, d)| d).collect();
+            if batch.is_empty() {
+                return;
+            }
+            if self.stop_grace_over() {
+                self.let_go(&batch);
+                return;
+            }
+        }
+    }
+
+    /// Acknowledges what settling left to acknowledge and lets go of the
+    /// batch; what was not tried is handled again at once.
+    fn settle_done(&mut self, batch: Vec<Delivery>, not_tried: &[usize]) {
+        self.acknowledge();
+        if not_tried.is_empty() {
+            self.finish(batch, &[]);
+            return;
+        }
+        let (again, done): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .enumerate()
+            .partition(|(i, _)| not_tried.contains(i));
+        self.finish(done.into_iter().map(|(_, d)| d).collect(), &[]);
+        self.handle_again(again.into_iter().map(|(_, d)| d).collect());
+    }
+}
