@@ -982,3 +982,43 @@ fn id_key(id: &str) -> (u64, u64) {
     let (ms, seq) = id.split_once('-').expect("an entry ID");
     (ms.parse().expect("ms"), seq.parse().expect("seq"))
 }
+
+/// An operator flushes Redis's script cache (`SCRIPT FLUSH`) while
+/// payment-service has payments on their way: the next payment scripts
+/// find no script. They are sent again once it is loaded: every order is
+/// paid exactly once, none is dead-lettered, no failure is counted.
+#[test]
+fn a_script_flush_under_load_pays_every_order_once_and_counts_no_failure() {
+    const ORDERS: usize = 600;
+    let redis = RedisServer::start();
+    let _payment = start_ready("payment-service", &redis, &env(&[("BATCH_SIZE", "4")]));
+    let mut conn = redis.conn();
+    let mut ids = Vec::new();
+    for chunk in 0..6 {
+        ids.extend(xadd_orders_range(
+            &mut conn,
+            "flush",
+            chunk * 100..(chunk + 1) * 100,
+        ));
+        let _: () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query(&mut conn)
+            .expect("SCRIPT FLUSH");
+    }
+    wait_until("every order paid", DEADLINE, || {
+        drained(&mut conn, ORDER_EVENTS, PAYMENT_GROUP)
+    });
+    let payments = xrange(&mut conn, PAYMENT_EVENTS, "-", "+");
+    let ledger = Ledger::of_ids(&ids, &payments);
+    assert!(ledger.exactly_once(), "{ledger}");
+    assert_eq!(ids.len(), ORDERS);
+    assert_eq!(xlen(&mut conn, ORDER_DLQ), 0, "nothing dead-lettered");
+    let failures: usize = redis::cmd("HLEN")
+        .arg("order-events:failures:payment-service-group")
+        .query(&mut conn)
+        .expect("HLEN failures");
+    assert_eq!(
+        failures, 0,
+        "a flushed script cache is no failure of an entry"
+    );
+}
