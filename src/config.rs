@@ -94,7 +94,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { var: "REQUEST_TIMEOUT_MS", default: Some("2000"), help: "an order not written within this time is answered 503", services: ORDER },
     Setting { var: "IDEMPOTENCY_TTL_S", default: Some("86400"), help: "how long an Idempotency-Key is remembered (a retry within it is answered with the first order)", services: ORDER },
     Setting { var: "HTTP_WORKERS", default: Some("4"), help: "threads answering HTTP requests (they send order batches; with TLS up to two also wait for Redis)", services: ORDER },
-    Setting { var: "HANDLER_THREADS", default: Some("2"), help: "threads handling events", services: CONSUMERS },
+    Setting { var: "HANDLER_THREADS", default: Some("2"), help: "threads handling events (payment-service pipelines on two threads instead, unless TLS or REDIS_WAIT_REPLICAS)", services: CONSUMERS },
     Setting { var: "BATCH_SIZE", default: Some("64"), help: "entries read (XREADGROUP COUNT) and handled per batch", services: CONSUMERS },
     Setting { var: "BLOCK_MS", default: Some("1000"), help: "longest XREADGROUP BLOCK; also bounds how long shutdown waits for a reader", services: CONSUMERS },
     Setting { var: "CLAIM_IDLE_MS", default: Some("30000"), help: "pending entries idle this long are claimed (XAUTOCLAIM) and retried", services: CONSUMERS },

@@ -3,7 +3,9 @@
 //! documentation).
 //!
 //! Files: this one holds the types a [`Handler`] meets and [`start`];
-//! `reader.rs` the readers, `handler.rs` the handler threads, `reply.rs`
+//! `reader.rs` the readers, `lanes.rs` the channels between them and the
+//! handler threads, `handler.rs` the handler threads, `pipeline.rs` the
+//! two threads that take their place for a [`Pipelined`] handler, `reply.rs`
 //! the decoding of Redis's replies, `service.rs` [`run`] and
 //! [`run_until`], the whole service around the runtime.
 //!
