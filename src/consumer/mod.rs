@@ -472,6 +472,7 @@ pub fn start(
             next_renew: Instant::now(),
             ahead: std::collections::VecDeque::new(),
             side: Link::new(redis.clone(), COMMAND_TIMEOUT, topology::ensure_groups),
+            count: settings.batch_size,
         };
         threads.push(
             std::thread::Builder::new()

@@ -169,3 +169,31 @@ fn orders_read_while_payments_are_on_their_way_are_paid_without_waiting_for_them
         );
     }
 }
+
+/// A backlog (payment-service was down while orders came in) with Redis
+/// far away: each read crossing the link brings as much as the handlers can
+/// take, not one batch, so the backlog drains in a few round trips. Before,
+/// every read brought `BATCH_SIZE` (64) entries and 3,000 orders took about
+/// twelve round trips.
+#[test]
+fn a_backlog_behind_a_far_link_is_read_in_a_few_round_trips() {
+    const ORDERS: usize = 3000;
+    let redis = RedisServer::start();
+    let (_proxy, url) = far_url(&redis);
+    let mut conn = redis.conn();
+    crate::support::flow::xadd_orders(&mut conn, "far-backlog", ORDERS);
+    let _payment = start_ready("payment-service", &redis, &[("REDIS_URL", &url)]);
+    wait_until("a first payment", Duration::from_secs(30), || {
+        xlen(&mut conn, PAYMENT_EVENTS) > 0
+    });
+    let first = Instant::now();
+    wait_until("every order paid", Duration::from_secs(60), || {
+        xlen(&mut conn, PAYMENT_EVENTS) >= ORDERS
+    });
+    let took = first.elapsed();
+    assert!(
+        took < RTT * 6,
+        "the backlog took {took:?} to drain after the first payment, Redis {RTT:?} away: \
+         more than six round trips"
+    );
+}
