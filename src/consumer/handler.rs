@@ -106,7 +106,7 @@ pub(super) struct HandlerThread {
 }
 
 /// What [`HandlerThread::take`] found.
-pub(super) enum Take {
+enum Take {
     /// A batch, in lane order.
     Batch(Vec<Delivery>),
     /// Nothing within a second.
@@ -138,17 +138,7 @@ pub(super) struct Acks {
 
 impl HandlerThread {
     pub(super) fn run(mut self) {
-        loop {
-            self.beat.beat();
-            let batch = match self.take() {
-                Take::Batch(batch) => batch,
-                Take::Idle => continue,
-                Take::Closed => break,
-            };
-            if self.stop_grace_over() {
-                self.let_go(&batch);
-                continue;
-            }
+        while let Some(batch) = self.next_batch() {
             // Group by subscription, keeping arrival order within each;
             // acknowledge all of them in one round trip, then let go.
             let mut handled = Vec::new();
@@ -166,9 +156,24 @@ impl HandlerThread {
         );
     }
 
+    /// The next batch to start, reporting progress while there is none;
+    /// `None` once the readers have stopped and the lane is drained. Once
+    /// the stop grace is over, batches are let go instead of returned.
+    pub(super) fn next_batch(&mut self) -> Option<Vec<Delivery>> {
+        loop {
+            self.beat.beat();
+            match self.take() {
+                Take::Batch(batch) if self.stop_grace_over() => self.let_go(&batch),
+                Take::Batch(batch) => return Some(batch),
+                Take::Idle => {}
+                Take::Closed => return None,
+            }
+        }
+    }
+
     /// The next batch: what was carried over, then what waits on the lane,
     /// up to `BATCH_SIZE` (four times that from a backlog).
-    pub(super) fn take(&mut self) -> Take {
+    fn take(&mut self) -> Take {
         let first = match self.carry.pop_front() {
             Some(d) => d,
             None => match self.rx.recv_timeout(Duration::from_secs(1)) {

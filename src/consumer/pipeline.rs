@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
 use redis::{RedisError, Value};
 
-use super::handler::{by_subscription, HandlerThread, Take};
+use super::handler::{by_subscription, HandlerThread};
 use super::{Delivery, Pipelined};
 use crate::connection::{self, Redis, COMMAND_TIMEOUT, CONNECT_TIMEOUT};
 use crate::metrics;
@@ -106,17 +106,7 @@ impl HandlerThread {
     /// `handler-1` of a pipelined handler: takes batches, sends their
     /// commands, hands them to the reply thread.
     pub(super) fn run_sender(mut self, mut side: SendSide) {
-        loop {
-            self.beat.beat();
-            let batch = match self.take() {
-                Take::Batch(batch) => batch,
-                Take::Idle => continue,
-                Take::Closed => break,
-            };
-            if self.stop_grace_over() {
-                self.let_go(&batch);
-                continue;
-            }
+        while let Some(batch) = self.next_batch() {
             let batch = self.skip_redrives_for_others(batch);
             for mine in by_subscription(batch) {
                 let sent = self.send(&mut side, mine);
