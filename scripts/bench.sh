@@ -15,8 +15,9 @@
 #        scripts/bench.sh --wan [load flags]
 #   --wan: instead of 3-5, one table over Redis round trips of 0, 1, 10 and
 #   50 ms (the load tool's own delay proxy between the services it starts
-#   and Redis) and -c 64 and 256: /order, end-to-end, order -> payment p50
-#   and CPU per order per process. RTTS="0 10" and CLIENTS="64" narrow it.
+#   and Redis) and -c 64 and 256: /order against its bound c / RTT (the
+#   RTT a PING measures through the proxy), end-to-end, order -> payment
+#   p50 and CPU per order per process. RTTS="0 10" and CLIENTS="64" narrow it.
 #        scripts/bench.sh MODE [load flags]
 #   MODE: the load tool's mode run against the services in step 4, `all`
 #   by default; `keyed` compares /order without and with an
@@ -135,7 +136,7 @@ if [ "${1:-}" = --wan ]; then
   {
     echo
     echo "$header"
-    echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     printf '%s\n' "${rows[@]}"
   } | tee -a "$results"
   echo "results kept in $results"
