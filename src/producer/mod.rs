@@ -10,14 +10,14 @@
 //!
 //! Two ways to keep batches in flight, chosen by the connection:
 //!
-//! * [`pipelined`] (plain TCP and Unix sockets): one connection split into
+//! * `pipelined.rs` (plain TCP and Unix sockets): one connection split into
 //!   halves ([`crate::wire`]). The worker that queues an order sends the
 //!   batch itself, if fewer than [`WINDOW`] batches are in flight, and goes
 //!   back to HTTP at once; a reply thread (`order-replies`) reads the
 //!   replies in order and answers each batch's requests. A Redis a WAN
 //!   link away then costs latency, not throughput: up to [`WINDOW`]
 //!   batches ride one round trip.
-//! * [`links`] (TLS, whose session cannot be split): the worker that queues
+//! * `links.rs` (TLS, whose session cannot be split): the worker that queues
 //!   an order becomes a writer if a Redis connection is free (two of
 //!   them), writes batches and waits for each reply, then returns to HTTP.
 //!

@@ -123,7 +123,7 @@ impl Pipelined for Payments {
         &self.script
     }
 
-    /// One `EVALSHA` of [`PAY`] for the valid orders of `batch`.
+    /// One `EVALSHA` of the `PAY` script for the valid orders of `batch`.
     fn command(&self, batch: &[Delivery]) -> Option<Cmd> {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.script.get_hash())
