@@ -494,29 +494,14 @@ pub fn start(
         acks: Vec::new(),
     };
     if pipelined {
-        let (to_replies, from_sender) = crossbeam_channel::bounded(pipeline::WINDOW);
-        let settled = Arc::new(pipeline::Settled::default());
-        let side = pipeline::SendSide {
-            redis: redis.clone(),
-            to_replies,
-            settled: settled.clone(),
-            sent: 0,
-            wire: None,
-        };
-        if let Some(rx) = receivers.into_iter().next() {
-            let sender = thread("handler-1", rx);
-            threads.push(
-                std::thread::Builder::new()
-                    .name("handler-1".into())
-                    .spawn(move || sender.run_sender(side))?,
-            );
-        }
+        let sender = receivers
+            .into_iter()
+            .next()
+            .map(|rx| thread("handler-1", rx));
         let replies = thread("handler-replies", crossbeam_channel::never());
-        threads.push(
-            std::thread::Builder::new()
-                .name("handler-replies".into())
-                .spawn(move || replies.run_replies(from_sender, settled))?,
-        );
+        if let Some(sender) = sender {
+            threads.extend(pipeline::spawn(sender, replies, redis)?);
+        }
     } else {
         for (i, rx) in (1..).zip(receivers) {
             let name = format!("handler-{i}");

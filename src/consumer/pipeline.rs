@@ -35,6 +35,7 @@
 //! handler threads do those).
 
 use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
@@ -48,10 +49,36 @@ use crate::wire::{self, Replies};
 
 /// Batches sent and not yet settled, at most: at 10 ms RTT and one entry
 /// per batch, 1,600 entries/s before the sender waits.
-pub(super) const WINDOW: usize = 16;
+const WINDOW: usize = 16;
+
+/// Starts `sender` as `handler-1` and `replies` as `handler-replies`, with
+/// the way between them.
+pub(super) fn spawn(
+    sender: HandlerThread,
+    replies: HandlerThread,
+    redis: &Redis,
+) -> std::io::Result<[JoinHandle<()>; 2]> {
+    let (to_replies, from_sender) = crossbeam_channel::bounded(WINDOW);
+    let settled = Arc::new(Settled::default());
+    let side = SendSide {
+        redis: redis.clone(),
+        to_replies,
+        settled: settled.clone(),
+        sent: 0,
+        wire: None,
+    };
+    Ok([
+        std::thread::Builder::new()
+            .name("handler-1".into())
+            .spawn(move || sender.run_sender(side))?,
+        std::thread::Builder::new()
+            .name("handler-replies".into())
+            .spawn(move || replies.run_replies(from_sender, settled))?,
+    ])
+}
 
 /// A batch on its way from the sender to the reply thread.
-pub(super) enum Sent {
+enum Sent {
     /// Its command went out. `replies` is the new connection's reply half
     /// when it is the first batch sent on one.
     Command {
@@ -68,7 +95,7 @@ pub(super) enum Sent {
 /// How many batches the reply thread has settled; the sender waits on it
 /// before opening a new connection.
 #[derive(Default)]
-pub(super) struct Settled {
+struct Settled {
     count: Mutex<u64>,
     changed: Condvar,
 }
@@ -92,20 +119,20 @@ impl Settled {
 
 /// The sender's side: the connection's sending half and the way to the
 /// reply thread.
-pub(super) struct SendSide {
-    pub(super) redis: Redis,
-    pub(super) to_replies: Sender<Sent>,
-    pub(super) settled: Arc<Settled>,
+struct SendSide {
+    redis: Redis,
+    to_replies: Sender<Sent>,
+    settled: Arc<Settled>,
     /// Batches handed to the reply thread so far.
-    pub(super) sent: u64,
+    sent: u64,
     /// The sending half, and the master generation it was opened to.
-    pub(super) wire: Option<(wire::Sender, u64)>,
+    wire: Option<(wire::Sender, u64)>,
 }
 
 impl HandlerThread {
     /// `handler-1` of a pipelined handler: takes batches, sends their
     /// commands, hands them to the reply thread.
-    pub(super) fn run_sender(mut self, mut side: SendSide) {
+    fn run_sender(mut self, mut side: SendSide) {
         while let Some(batch) = self.next_batch() {
             let batch = self.skip_redrives_for_others(batch);
             for mine in by_subscription(batch) {
@@ -211,7 +238,7 @@ impl HandlerThread {
 
     /// `handler-replies`: settles each batch the sender handed over, in
     /// order, from its reply or by handling it again.
-    pub(super) fn run_replies(mut self, from_sender: Receiver<Sent>, settled: Arc<Settled>) {
+    fn run_replies(mut self, from_sender: Receiver<Sent>, settled: Arc<Settled>) {
         let mut replies: Option<Replies> = None;
         loop {
             self.beat.beat();
