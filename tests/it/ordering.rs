@@ -109,3 +109,90 @@ fn the_orders_of_one_user_are_paid_and_notified_in_the_order_they_were_written()
         );
     }
 }
+
+/// The same promise while Redis drops every client connection again and
+/// again (`CLIENT KILL ID`, payment-service's) as orders come in: payments are
+/// handled again after each drop, and still each user's come in order.
+#[test]
+fn dropped_connections_do_not_reorder_a_users_payments() {
+    const ORDERS: usize = 600;
+    let redis = RedisServer::start();
+    let _payment = start_ready("payment-service", &redis, &env(&[("BATCH_SIZE", "8")]));
+    let mut killer = redis.conn();
+    let mut spared: Vec<i64> = Vec::new();
+    let feeder = {
+        let mut conn = redis.conn();
+        for c in [&mut killer, &mut conn] {
+            spared.push(redis::cmd("CLIENT").arg("ID").query(c).expect("CLIENT ID"));
+        }
+        std::thread::spawn(move || {
+            for chunk in 0..ORDERS / 20 {
+                let mut pipe = redis::pipe();
+                for i in chunk * 20..(chunk + 1) * 20 {
+                    pipe.cmd("XADD")
+                        .arg(ORDER_EVENTS)
+                        .arg("*")
+                        .arg("userId")
+                        .arg(format!("drops-u{}", i % 3))
+                        .arg("productId")
+                        .arg(format!("p{i}"))
+                        .arg("price")
+                        .arg("1.50");
+                }
+                let _: Vec<String> = pipe.query(&mut conn).expect("XADD the orders");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    // Every connection but the test's own: payment-service's.
+    let mut killed = 0;
+    while !feeder.is_finished() {
+        std::thread::sleep(Duration::from_millis(100));
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query(&mut killer)
+            .expect("CLIENT LIST");
+        for id in list
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("id=")?
+                    .split(' ')
+                    .next()?
+                    .parse::<i64>()
+                    .ok()
+            })
+            .filter(|id| !spared.contains(id))
+        {
+            killed += redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("ID")
+                .arg(id)
+                .query::<i64>(&mut killer)
+                .unwrap_or(0);
+        }
+    }
+    feeder.join().expect("the feeder");
+    assert!(killed > 0, "no connection was dropped");
+
+    let mut conn = redis.conn();
+    wait_until("every order paid", DEADLINE, || {
+        drained(&mut conn, ORDER_EVENTS, "payment-service-group")
+    });
+    let orders = xrange(&mut conn, ORDER_EVENTS, "-", "+");
+    let payments = xrange(&mut conn, PAYMENT_EVENTS, "-", "+");
+    assert_eq!(payments.len(), ORDERS, "one payment per order");
+    let user_of = |e: &testkit::stream::RawEntry| e.text("userId").unwrap_or_default();
+    let written = by_user(orders.iter().map(|o| (user_of(o), o.id.clone())));
+    let paid = by_user(
+        payments
+            .iter()
+            .map(|p| (user_of(p), p.text("orderId").unwrap_or_default())),
+    );
+    for (user, ids) in &written {
+        assert_eq!(
+            paid.get(user),
+            Some(ids),
+            "{user}'s orders paid out of order ({killed} connections dropped)"
+        );
+    }
+}
