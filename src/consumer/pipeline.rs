@@ -66,6 +66,7 @@ pub(super) fn spawn(
         settled: settled.clone(),
         sent: 0,
         wire: None,
+        opened_before: false,
     };
     Ok([
         std::thread::Builder::new()
@@ -127,6 +128,8 @@ struct SendSide {
     sent: u64,
     /// The sending half, and the master generation it was opened to.
     wire: Option<(wire::Sender, u64)>,
+    /// Whether a connection was opened before: the next is a reconnect.
+    opened_before: bool,
 }
 
 impl HandlerThread {
@@ -168,35 +171,47 @@ impl HandlerThread {
             // A failover was followed: the next batch goes to the new master.
             side.wire = None;
         }
-        let mut fresh = None;
-        if side.wire.is_none() {
-            match self.open(side) {
-                Ok(w) => {
-                    side.wire = Some((w.sender, w.generation));
-                    fresh = Some(w.replies);
+        let packed = cmd.get_packed_command();
+        // A connection found dead by this send (the reply thread saw it
+        // first, or Redis dropped it) is replaced at once, and the batch
+        // sent on the new one: nothing of it was taken on the old.
+        for _ in 0..2 {
+            let mut fresh = None;
+            if side.wire.is_none() {
+                match self.open(side) {
+                    Ok(w) => {
+                        side.wire = Some((w.sender, w.generation));
+                        fresh = Some(w.replies);
+                    }
+                    Err(e) => {
+                        log::debug!("cannot open a pipelined connection: {e}");
+                        return Sent::Unsent { batch };
+                    }
+                }
+            }
+            let Some((sender, _)) = side.wire.as_mut() else {
+                return Sent::Unsent { batch };
+            };
+            match sender.send(&packed) {
+                Ok(()) => {
+                    return Sent::Command {
+                        batch,
+                        at: Instant::now(),
+                        replies: fresh,
+                    }
                 }
                 Err(e) => {
-                    log::debug!("cannot open a pipelined connection: {e}");
-                    return Sent::Unsent { batch };
+                    log::debug!("pipelined send failed: {e}");
+                    sender.close();
+                    side.wire = None;
+                    if fresh.is_some() {
+                        // A new connection failed at once: Redis is not there.
+                        break;
+                    }
                 }
             }
         }
-        let Some((sender, _)) = side.wire.as_mut() else {
-            return Sent::Unsent { batch };
-        };
-        match sender.send(&cmd.get_packed_command()) {
-            Ok(()) => Sent::Command {
-                batch,
-                at: Instant::now(),
-                replies: fresh,
-            },
-            Err(e) => {
-                log::debug!("pipelined send failed: {e}");
-                sender.close();
-                side.wire = None;
-                Sent::Unsent { batch }
-            }
-        }
+        Sent::Unsent { batch }
     }
 
     /// Opens a new connection once everything sent on the old one is
@@ -218,6 +233,11 @@ impl HandlerThread {
         if let Some(p) = handler.pipelined() {
             self.link.run(|c| p.script().load(c).map(drop))?;
         }
+        if side.opened_before {
+            metrics::reconnect();
+            log::info!("pipelined connection to Redis open again");
+        }
+        side.opened_before = true;
         Ok(w)
     }
 

@@ -182,3 +182,48 @@ fn every_metric_of_the_contract_moves_with_what_happened() {
     let after = Metrics::of(&order).sum("redis_reconnects_total", &[]);
     assert!(after > before, "redis_reconnects_total {before} -> {after}");
 }
+
+/// The connection payment-service sends its payments on is dropped (an
+/// operator's `CLIENT KILL`): the next order is still paid, and
+/// `redis_reconnects_total` on payment-service counts the new connection.
+#[test]
+fn a_dropped_payment_connection_is_reopened_and_counted() {
+    let redis = RedisServer::start();
+    let payment = start_ready("payment-service", &redis, &[]);
+    let mut conn = redis.conn();
+    flow::xadd_orders(&mut conn, "drop-pay", 1);
+    wait_until("the first order paid", flow::DEADLINE, || {
+        flow::xlen(&mut conn, flow::PAYMENT_EVENTS) == 1
+    });
+    let before = Metrics::of(&payment).sum("redis_reconnects_total", &[]);
+    // The connection whose last command was the payment script.
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(&mut conn)
+        .expect("CLIENT LIST");
+    let ids: Vec<String> = list
+        .lines()
+        .filter(|l| l.contains(" cmd=evalsha "))
+        .filter_map(|l| Some(l.strip_prefix("id=")?.split(' ').next()?.to_string()))
+        .collect();
+    assert!(!ids.is_empty(), "no connection ran EVALSHA: {list}");
+    for id in &ids {
+        let _: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ID")
+            .arg(id)
+            .query(&mut conn)
+            .expect("CLIENT KILL ID");
+    }
+    // The next orders are paid: the first finds the connection gone (and
+    // is paid on another), the one after goes out on a new connection.
+    for n in 2..=3 {
+        flow::xadd_orders(&mut conn, &format!("drop-pay-{n}"), 1);
+        wait_until("the next order paid", flow::DEADLINE, || {
+            flow::xlen(&mut conn, flow::PAYMENT_EVENTS) == n
+        });
+    }
+    wait_until("the reconnect counted", Duration::from_secs(5), || {
+        Metrics::of(&payment).sum("redis_reconnects_total", &[]) > before
+    });
+}
