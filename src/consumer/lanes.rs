@@ -26,7 +26,7 @@ use crossbeam_channel::{Receiver, SendTimeoutError, Sender};
 use super::Delivery;
 
 /// The field whose value keeps entries in order.
-pub const ORDERING_FIELD: &str = "userId";
+const ORDERING_FIELD: &str = "userId";
 
 /// The sending side of every lane; each reader holds a clone.
 #[derive(Clone)]

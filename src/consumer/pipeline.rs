@@ -42,7 +42,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
 use redis::{RedisError, Value};
 
 use super::handler::{by_subscription, HandlerThread};
-use super::{Delivery, Pipelined};
+use super::{Delivery, Outcome, Pipelined};
 use crate::connection::{self, Redis, COMMAND_TIMEOUT, CONNECT_TIMEOUT};
 use crate::metrics;
 use crate::wire::{self, Replies};
@@ -279,25 +279,17 @@ impl HandlerThread {
                     let outcomes = self
                         .reply(&mut replies, at)
                         .and_then(|v| self.outcomes_of(&batch, Some(v)));
-                    match outcomes {
-                        Some(outcomes) => {
-                            let sub = batch[0].sub;
-                            let n = batch.len() as u64;
-                            metrics::handler_latency(sub.stream, sub.group, at.elapsed(), n);
-                            let not_tried = self.settle(&batch, outcomes);
-                            self.settle_done(batch, &not_tried);
-                        }
-                        None => self.handle_again(batch),
+                    if outcomes.is_some() {
+                        let (sub, n) = (batch[0].sub, batch.len() as u64);
+                        metrics::handler_latency(sub.stream, sub.group, at.elapsed(), n);
                     }
+                    self.settle_or_handle(batch, outcomes);
                 }
-                Sent::NoCommand { batch } => match self.outcomes_of(&batch, None) {
-                    Some(outcomes) => {
-                        let not_tried = self.settle(&batch, outcomes);
-                        self.settle_done(batch, &not_tried);
-                    }
-                    None => self.handle_again(batch),
-                },
-                Sent::Unsent { batch } => self.handle_again(batch),
+                Sent::NoCommand { batch } => {
+                    let outcomes = self.outcomes_of(&batch, None);
+                    self.settle_or_handle(batch, outcomes);
+                }
+                Sent::Unsent { batch } => self.settle_or_handle(batch, None),
             }
             settled.add_one();
         }
@@ -338,7 +330,9 @@ impl HandlerThread {
         None
     }
 
-    fn outcomes_of(&self, batch: &[Delivery], reply: Option<Value>) -> Option<Vec<super::Outcome>> {
+    /// The handler's outcomes from `reply`, or `None` if it cannot make
+    /// them out (the batch is then handled again).
+    fn outcomes_of(&self, batch: &[Delivery], reply: Option<Value>) -> Option<Vec<Outcome>> {
         let p: &dyn Pipelined = self.handler.pipelined()?;
         match p.outcomes(batch, reply) {
             Ok(o) => Some(o),
@@ -352,41 +346,26 @@ impl HandlerThread {
         }
     }
 
-    /// Handles `batch` the way a handler thread does, on this thread's own
-    /// connection, until nothing of it is left to try.
-    fn handle_again(&mut self, batch: Vec<Delivery>) {
-        let mut batch = batch;
+    /// Settles `batch` from its `outcomes`, or without them handles it the
+    /// way a handler thread does (on this thread's own connection); then
+    /// acknowledges and lets go, and handles at once what was not tried
+    /// (carried over by [`HandlerThread::finish`]).
+    fn settle_or_handle(&mut self, mut batch: Vec<Delivery>, mut outcomes: Option<Vec<Outcome>>) {
         loop {
-            let not_tried = self.handle(&batch);
-            let (left, done): (Vec<_>, Vec<_>) = batch
-                .into_iter()
-                .enumerate()
-                .partition(|(i, _)| not_tried.contains(i));
-            self.settle_done(done.into_iter().map(|(_, d)| d).collect(), &[]);
-            batch = left.into_iter().map(|(_, d)| d).collect();
-            if batch.is_empty() {
+            let not_tried = match outcomes.take() {
+                Some(o) => self.settle(&batch, o),
+                None => self.handle(&batch),
+            };
+            self.acknowledge();
+            self.finish(batch, &not_tried);
+            if self.carry.is_empty() {
                 return;
             }
+            batch = self.carry.drain(..).collect();
             if self.stop_grace_over() {
                 self.let_go(&batch);
                 return;
             }
         }
-    }
-
-    /// Acknowledges what settling left to acknowledge and lets go of the
-    /// batch; what was not tried is handled again at once.
-    fn settle_done(&mut self, batch: Vec<Delivery>, not_tried: &[usize]) {
-        self.acknowledge();
-        if not_tried.is_empty() {
-            self.finish(batch, &[]);
-            return;
-        }
-        let (again, done): (Vec<_>, Vec<_>) = batch
-            .into_iter()
-            .enumerate()
-            .partition(|(i, _)| not_tried.contains(i));
-        self.finish(done.into_iter().map(|(_, d)| d).collect(), &[]);
-        self.handle_again(again.into_iter().map(|(_, d)| d).collect());
     }
 }

@@ -197,24 +197,8 @@ fn a_dropped_payment_connection_is_reopened_and_counted() {
     });
     let before = Metrics::of(&payment).sum("redis_reconnects_total", &[]);
     // The connection whose last command was the payment script.
-    let list: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .query(&mut conn)
-        .expect("CLIENT LIST");
-    let ids: Vec<String> = list
-        .lines()
-        .filter(|l| l.contains(" cmd=evalsha "))
-        .filter_map(|l| Some(l.strip_prefix("id=")?.split(' ').next()?.to_string()))
-        .collect();
-    assert!(!ids.is_empty(), "no connection ran EVALSHA: {list}");
-    for id in &ids {
-        let _: i64 = redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("ID")
-            .arg(id)
-            .query(&mut conn)
-            .expect("CLIENT KILL ID");
-    }
+    let killed = flow::kill_clients(&mut conn, |l| l.contains(" cmd=evalsha "));
+    assert!(killed > 0, "no connection ran EVALSHA");
     // The next orders are paid: the first finds the connection gone (and
     // is paid on another), the one after goes out on a new connection.
     for n in 2..=3 {

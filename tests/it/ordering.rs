@@ -5,10 +5,12 @@
 //! user's notifications, must come in the order of that user's orders.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::time::Duration;
 
 use crate::support::flow::{
-    drained, env, start_ready, xrange, DEADLINE, ORDER_EVENTS, PAYMENT_EVENTS,
+    drained, env, kill_clients, start_ready, xrange, RawEntry, DEADLINE, ORDER_EVENTS,
+    PAYMENT_EVENTS, PAYMENT_GROUP,
 };
 use crate::support::{wait_until, RedisServer, WebhookSink};
 
@@ -22,6 +24,58 @@ fn by_user(items: impl IntoIterator<Item = (String, String)>) -> HashMap<String,
         map.entry(user).or_default().push(id);
     }
     map
+}
+
+/// Writes orders `range` for `users` users (`<prefix>-u<i % users>`), in
+/// one pipeline: each user's orders interleaved with the others'.
+fn xadd_users(conn: &mut redis::Connection, prefix: &str, range: Range<usize>, users: usize) {
+    let mut pipe = redis::pipe();
+    for i in range {
+        pipe.cmd("XADD")
+            .arg(ORDER_EVENTS)
+            .arg("*")
+            .arg("userId")
+            .arg(format!("{prefix}-u{}", i % users))
+            .arg("productId")
+            .arg(format!("p{i}"))
+            .arg("price")
+            .arg("9.99");
+    }
+    let _: Vec<String> = pipe.query(conn).expect("XADD the orders");
+}
+
+fn user_of(e: &RawEntry) -> String {
+    e.text("userId").unwrap_or_default()
+}
+
+/// Waits until payment-service paid everything, checks that there is one
+/// payment per order and each user's orders were paid in the order written;
+/// returns each user's orders (IDs, in order) and the payments.
+fn paid_in_each_users_order(
+    conn: &mut redis::Connection,
+    orders_written: usize,
+    context: &str,
+) -> (HashMap<String, Vec<String>>, Vec<RawEntry>) {
+    wait_until("every order paid", DEADLINE, || {
+        drained(conn, ORDER_EVENTS, PAYMENT_GROUP)
+    });
+    let orders = xrange(conn, ORDER_EVENTS, "-", "+");
+    let payments = xrange(conn, PAYMENT_EVENTS, "-", "+");
+    assert_eq!(payments.len(), orders_written, "one payment per order");
+    let written = by_user(orders.iter().map(|o| (user_of(o), o.id.clone())));
+    let paid = by_user(
+        payments
+            .iter()
+            .map(|p| (user_of(p), p.text("orderId").unwrap_or_default())),
+    );
+    for (user, ids) in &written {
+        assert_eq!(
+            paid.get(user),
+            Some(ids),
+            "{user}'s orders paid out of order{context}"
+        );
+    }
+    (written, payments)
 }
 
 #[test]
@@ -42,44 +96,11 @@ fn the_orders_of_one_user_are_paid_and_notified_in_the_order_they_were_written()
     let _notification = start_ready("notification-service", &redis, &consumers);
 
     let mut conn = redis.conn();
-    let mut pipe = redis::pipe();
-    for i in 0..ORDERS {
-        pipe.cmd("XADD")
-            .arg(ORDER_EVENTS)
-            .arg("*")
-            .arg("userId")
-            .arg(format!("ordering-u{}", i % USERS))
-            .arg("productId")
-            .arg(format!("p{i}"))
-            .arg("price")
-            .arg("9.99");
-    }
-    let _: Vec<String> = pipe.query(&mut conn).expect("XADD the orders");
+    xadd_users(&mut conn, "ordering", 0..ORDERS, USERS);
 
     let received = sink.wait_accepted(2 * ORDERS, DEADLINE);
-    wait_until("every order paid", DEADLINE, || {
-        drained(&mut conn, ORDER_EVENTS, "payment-service-group")
-    });
-    let orders = xrange(&mut conn, ORDER_EVENTS, "-", "+");
-    let payments = xrange(&mut conn, PAYMENT_EVENTS, "-", "+");
-    assert_eq!(payments.len(), ORDERS, "one payment per order");
-
-    let user_of = |e: &testkit::stream::RawEntry| e.text("userId").unwrap_or_default();
-    let written = by_user(orders.iter().map(|o| (user_of(o), o.id.clone())));
+    let (written, payments) = paid_in_each_users_order(&mut conn, ORDERS, "");
     assert_eq!(written.len(), USERS);
-
-    let paid = by_user(
-        payments
-            .iter()
-            .map(|p| (user_of(p), p.text("orderId").unwrap_or_default())),
-    );
-    for (user, ids) in &written {
-        assert_eq!(
-            paid.get(user),
-            Some(ids),
-            "{user}'s orders paid out of order"
-        );
-    }
 
     let notified = |kind: &str| {
         by_user(
@@ -118,81 +139,29 @@ fn dropped_connections_do_not_reorder_a_users_payments() {
     const ORDERS: usize = 600;
     let redis = RedisServer::start();
     let _payment = start_ready("payment-service", &redis, &env(&[("BATCH_SIZE", "8")]));
-    let mut killer = redis.conn();
-    let mut spared: Vec<i64> = Vec::new();
-    let feeder = {
-        let mut conn = redis.conn();
-        for c in [&mut killer, &mut conn] {
-            spared.push(redis::cmd("CLIENT").arg("ID").query(c).expect("CLIENT ID"));
+    let mut conn = redis.conn();
+    let feeder_id: i64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query(&mut conn)
+        .expect("CLIENT ID");
+    let feeder = std::thread::spawn(move || {
+        for chunk in 0..ORDERS / 20 {
+            xadd_users(&mut conn, "drops", chunk * 20..(chunk + 1) * 20, 3);
+            std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::spawn(move || {
-            for chunk in 0..ORDERS / 20 {
-                let mut pipe = redis::pipe();
-                for i in chunk * 20..(chunk + 1) * 20 {
-                    pipe.cmd("XADD")
-                        .arg(ORDER_EVENTS)
-                        .arg("*")
-                        .arg("userId")
-                        .arg(format!("drops-u{}", i % 3))
-                        .arg("productId")
-                        .arg(format!("p{i}"))
-                        .arg("price")
-                        .arg("1.50");
-                }
-                let _: Vec<String> = pipe.query(&mut conn).expect("XADD the orders");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
+    });
     // Every connection but the test's own: payment-service's.
+    let feeder_line = format!("id={feeder_id} ");
+    let mut killer = redis.conn();
     let mut killed = 0;
     while !feeder.is_finished() {
         std::thread::sleep(Duration::from_millis(100));
-        let list: String = redis::cmd("CLIENT")
-            .arg("LIST")
-            .query(&mut killer)
-            .expect("CLIENT LIST");
-        for id in list
-            .lines()
-            .filter_map(|l| {
-                l.strip_prefix("id=")?
-                    .split(' ')
-                    .next()?
-                    .parse::<i64>()
-                    .ok()
-            })
-            .filter(|id| !spared.contains(id))
-        {
-            killed += redis::cmd("CLIENT")
-                .arg("KILL")
-                .arg("ID")
-                .arg(id)
-                .query::<i64>(&mut killer)
-                .unwrap_or(0);
-        }
+        killed += kill_clients(&mut killer, |l| !l.starts_with(&feeder_line));
     }
     feeder.join().expect("the feeder");
     assert!(killed > 0, "no connection was dropped");
 
     let mut conn = redis.conn();
-    wait_until("every order paid", DEADLINE, || {
-        drained(&mut conn, ORDER_EVENTS, "payment-service-group")
-    });
-    let orders = xrange(&mut conn, ORDER_EVENTS, "-", "+");
-    let payments = xrange(&mut conn, PAYMENT_EVENTS, "-", "+");
-    assert_eq!(payments.len(), ORDERS, "one payment per order");
-    let user_of = |e: &testkit::stream::RawEntry| e.text("userId").unwrap_or_default();
-    let written = by_user(orders.iter().map(|o| (user_of(o), o.id.clone())));
-    let paid = by_user(
-        payments
-            .iter()
-            .map(|p| (user_of(p), p.text("orderId").unwrap_or_default())),
-    );
-    for (user, ids) in &written {
-        assert_eq!(
-            paid.get(user),
-            Some(ids),
-            "{user}'s orders paid out of order ({killed} connections dropped)"
-        );
-    }
+    let context = format!(" ({killed} connections dropped)");
+    paid_in_each_users_order(&mut conn, ORDERS, &context);
 }

@@ -837,3 +837,33 @@ pub const README_META_FIELDS: [&str; 6] = [
     "error",
     "deliveries",
 ];
+
+/// Kills (`CLIENT KILL ID`) every client connection whose `CLIENT LIST`
+/// line `pick` chooses, except the one `conn` itself is; returns how many
+/// were killed.
+pub fn kill_clients(conn: &mut Connection, pick: impl Fn(&str) -> bool) -> usize {
+    let own: i64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query(conn)
+        .expect("CLIENT ID");
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(conn)
+        .expect("CLIENT LIST");
+    let ids: Vec<i64> = list
+        .lines()
+        .filter(|l| pick(l))
+        .filter_map(|l| l.strip_prefix("id=")?.split(' ').next()?.parse().ok())
+        .filter(|&id| id != own)
+        .collect();
+    ids.iter()
+        .map(|id| {
+            redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("ID")
+                .arg(id)
+                .query::<usize>(conn)
+                .unwrap_or(0)
+        })
+        .sum()
+}
